@@ -1,0 +1,55 @@
+# cartlib — the README's two commands: `make run` and `make test`.
+# Both set up .venv on first use (pinned torch, the project in editable mode, the Jupyter kernel
+# "cartlib" that papermill and nbval share) and fetch the default dataset when they can.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+KERNEL := cartlib
+PRESET ?= tiny
+STAMP := $(VENV)/.cartlib-installed
+FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+PYTEST_ARGS ?=
+
+.PHONY: run test install data lint format bench clean-runs
+
+run: install data  ## execute the notebook series at $(PRESET) into papermill_runs/$(PRESET)/
+	$(PY) -m cartlib run-series --preset $(PRESET)
+
+test: install data  ## unit tests + every notebook at its committed smoke defaults (nbval)
+	$(PY) -m pytest tests $(PYTEST_ARGS)
+	$(PY) -m pytest --nbval-lax --nbval-kernel-name $(KERNEL) --nbval-cell-timeout 900 \
+		-p no:cacheprovider notebooks $(PYTEST_ARGS)
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[dev]'
+	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (cartlib)"
+	touch $@
+
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist when apt can install it (CI runs as root);
+# otherwise set CART_DATA_DIR or be online (torchvision download). `cartlib check-data` says which.
+data: install
+	@if [ ! -e $(FMNIST) ] && [ -z "$$CART_DATA_DIR" ] && command -v apt-get >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi; \
+		($$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq dataset-fashion-mnist) \
+			>/dev/null 2>&1 || echo "note: could not apt-get install dataset-fashion-mnist"; \
+	fi
+	@$(PY) -m cartlib check-data fashion-mnist
+
+lint:
+	$(VENV)/bin/ruff check cartlib tests benchmarks notebooks
+	$(VENV)/bin/ruff format --check cartlib tests benchmarks
+
+format:
+	$(VENV)/bin/ruff format cartlib tests benchmarks
+	$(VENV)/bin/ruff check --fix cartlib tests benchmarks
+
+bench: install data  ## throughput figures (never fail on time)
+	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
+
+clean-runs:
+	rm -rf papermill_runs/*/*.ipynb papermill_runs/*/runs papermill_runs/smoke
