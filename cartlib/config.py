@@ -182,7 +182,7 @@ def apply_overrides(obj: Any, overrides: dict[str, Any], where: str = "") -> Any
 
 # ------------------------------------------------------------------------------------------ presets
 def available_presets() -> list[str]:
-    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml"))
+    return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
 
 def _preset_dict(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:

@@ -1,0 +1,34 @@
+"""The next-detail transformer and its presets."""
+
+from __future__ import annotations
+
+import torch
+
+from cartlib.model.transformer import NextDetailTransformer
+
+# VAR's published parameter counts (Tian et al. 2024, Table 1) for comparison with our presets.
+VAR_PARAMS = {16: 310e6, 20: 600e6, 24: 1.0e9, 30: 2.0e9}
+
+
+def build_model(cfg, schedule, num_classes: int, device=None) -> NextDetailTransformer:
+    """The transformer of ``cfg`` (a RunConfig) for ``schedule`` and ``num_classes`` classes."""
+    a, t = cfg.ar, cfg.tokenizer
+    with torch.device(device) if device is not None else torch.device("cpu"):
+        return NextDetailTransformer(
+            schedule, t.codebook_size, t.latent_channels, num_classes, a.depth, a.width, a.heads,
+            a.mlp_ratio, a.dropout,
+        )  # fmt: skip
+
+
+def preset_param_count(preset: str, num_classes: int = 1000) -> int:
+    """Parameter count of a preset's transformer, built on the meta device (no memory used)."""
+    from cartlib.config import load_preset
+    from cartlib.schedule import TokenSchedule
+
+    cfg = load_preset(preset)
+    order = cfg.decompose.order if cfg.tokenizer.quantizer == "base_detail" else 0
+    schedule = TokenSchedule.from_config(cfg.tokenizer, order)
+    return build_model(cfg, schedule, num_classes, device="meta").num_params()
+
+
+__all__ = ["NextDetailTransformer", "VAR_PARAMS", "build_model", "preset_param_count"]

@@ -1,0 +1,121 @@
+"""The tokenizer: encoder E, schedule-driven quantizer Q (Alg. 1/2) and decoder D, one interface.
+
+    tokens = tok.encode(images[, bases])      # Alg. 1 -> [r_1 .. r_M], r_k (B, h_k, w_k)
+    f_hat  = tok.features(tokens, upto=m)     # Alg. 2 partial sum after m steps (B, C, h, w)
+    images = tok.decode(f_hat)                # D(f_hat), (B, 3, H, W) in [0, 1]
+
+The base-detail quantizer needs the bases B_1..B_n of every image (Eq. 7); ``encode`` computes them
+with the Ambrosio-Tortorelli hierarchy when they are not given (training passes cached ones).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from cartlib.config import DecomposeConfig, TokenizerConfig
+from cartlib.schedule import TokenSchedule
+from cartlib.tokenizer.quantize import QUANTIZERS, QuantOutput, ScheduleQuantizer
+from cartlib.tokenizer.vqvae import Decoder, Encoder, downsample_factor
+
+
+@dataclass
+class TokenizerOutput:
+    recon: torch.Tensor  # D(f_hat) (B,3,H,W)
+    recon_base: torch.Tensor | None  # D(f_hat of the base steps) (B,3,H,W), or None at order 0
+    quant: QuantOutput
+
+
+class Tokenizer(nn.Module):
+    def __init__(self, cfg: TokenizerConfig, decompose: DecomposeConfig, resolution: int):
+        super().__init__()
+        if cfg.quantizer not in QUANTIZERS:
+            raise ValueError(f"quantizer={cfg.quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
+        down = downsample_factor(cfg.ch_mult)
+        if resolution % down:
+            raise ValueError(
+                f"resolution={resolution} is not divisible by the {down}x downsampling of "
+                f"ch_mult={cfg.ch_mult}; choose a multiple of {down}"
+            )
+        order = decompose.order if cfg.quantizer == "base_detail" else 0
+        self.schedule = TokenSchedule.from_config(cfg, order)
+        latent = resolution // down
+        if self.schedule.full_hw != (latent, latent):
+            raise ValueError(
+                f"the last base scale {self.schedule.full_hw[0]} must equal the latent size "
+                f"{latent} (= resolution {resolution} / {down}); set base_patch_nums to end at "
+                f"{latent}"
+            )
+        self.cfg, self.decompose_cfg, self.resolution = cfg, decompose, resolution
+        self.encoder = Encoder(cfg.channels, cfg.ch_mult, cfg.latent_channels)
+        self.decoder = Decoder(cfg.channels, cfg.ch_mult, cfg.latent_channels)
+        self.quantizer = ScheduleQuantizer(
+            self.schedule, cfg.codebook_size, cfg.latent_channels, cfg.beta, cfg.phi_share,
+            cfg.phi_kernel,
+        )  # fmt: skip
+
+    @property
+    def order(self) -> int:
+        return self.schedule.n_factors
+
+    def _encode_all(self, images: torch.Tensor, bases: torch.Tensor | None):
+        """E(I) and E(B_k) (Eq. 7) in one batched pass. bases: (B, n, 3, H, W) or None."""
+        n = self.order
+        if n == 0:
+            return self.encoder(images), None
+        if bases is None:
+            bases = self.decompose(images)
+        if bases.shape[1] != n:
+            raise ValueError(
+                f"got {bases.shape[1]} bases per image, the tokenizer has order {n}: pass the "
+                f"bases of base_detail(x, order={n})"
+            )
+        b = images.shape[0]
+        stacked = torch.cat([images[:, None], bases.to(images)], 1).flatten(0, 1)
+        feats = self.encoder(stacked).unflatten(0, (b, n + 1))
+        return feats[:, 0], [feats[:, k] for k in range(1, n + 1)]
+
+    @torch.no_grad()
+    def decompose(self, images: torch.Tensor) -> torch.Tensor:
+        """B_1..B_n of each image with this tokenizer's decomposition settings. -> (B,n,3,H,W)"""
+        from cartlib.decompose import base_detail
+
+        d = self.decompose_cfg
+        dec = base_detail(images.float(), order=self.order, alpha=d.alpha, lam=d.lam, eps=d.eps)
+        return torch.stack(dec.bases, 1).to(images)
+
+    def forward(self, images: torch.Tensor, bases: torch.Tensor | None = None) -> TokenizerOutput:
+        f_image, f_bases = self._encode_all(images, bases)
+        q = self.quantizer(f_image, f_bases)
+        recon = self.decoder(q.f_hat)
+        recon_base = self.decoder(q.f_hat_base) if self.order > 0 else None
+        return TokenizerOutput(recon, recon_base, q)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor, bases: torch.Tensor | None = None) -> list[torch.Tensor]:
+        """Alg. 1: the token maps r_1..r_M of ``images`` (bases computed when not given)."""
+        was = self.training
+        self.eval()
+        f_image, f_bases = self._encode_all(images, bases)
+        tokens = self.quantizer(f_image, f_bases).tokens
+        self.train(was)
+        return tokens
+
+    def features(self, tokens: list[torch.Tensor], upto: int | None = None) -> torch.Tensor:
+        return self.quantizer.features(tokens, upto)
+
+    def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
+        return self.decoder(f_hat).clamp(0, 1)
+
+    @torch.no_grad()
+    def partial_reconstructions(self, tokens: list[torch.Tensor]) -> torch.Tensor:
+        """Decoded image after every step (base scales, then each detail). -> (M,B,3,H,W)"""
+        q = self.quantizer
+        f_hat, out = None, []
+        for m in range(self.schedule.n_steps):
+            term = q.step_term(tokens[m], m)
+            f_hat = term if f_hat is None else f_hat + term
+            out.append(self.decode(f_hat))
+        return torch.stack(out)
