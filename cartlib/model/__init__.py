@@ -6,8 +6,8 @@ import torch
 
 from cartlib.model.transformer import NextDetailTransformer
 
-# VAR's published parameter counts (Tian et al. 2024, Table 1) for comparison with our presets.
-VAR_PARAMS = {16: 310e6, 20: 600e6, 24: 1.0e9, 30: 2.0e9}
+# VAR's parameter counts (310M, 601M, 1.03B, 2.01B; Tian et al. 2024) for comparison.
+VAR_PARAMS = {16: 310e6, 20: 601e6, 24: 1.03e9, 30: 2.01e9}
 
 
 def build_model(cfg, schedule, num_classes: int, device=None) -> NextDetailTransformer:
