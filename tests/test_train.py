@@ -1,0 +1,125 @@
+"""Training: the loss falls, a killed run resumes exactly, non-finite losses stop with a clear
+error, and a tiny transformer overfits a handful of token sequences."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+import torch
+
+from cartlib import train
+from cartlib.config import load_preset
+
+TINY_TOK = {"channels": 8, "ch_mult": [1, 2], "latent_channels": 4, "codebook_size": 32,
+            "base_patch_nums": [1, 2, 4], "depth_per_factor": 1, "batch_size": 8,
+            "dead_code_every": 5}  # fmt: skip
+
+
+def tiny_cfg(**tok):
+    return load_preset("smoke", data={"resolution": 8}, decompose={"order": 1},
+                       tokenizer={**TINY_TOK, **tok})  # fmt: skip
+
+
+def tiny_data(n=32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.rand(n, 3, 8, 8, generator=g)
+    x = torch.nn.functional.avg_pool2d(x, 3, 1, 1)  # some spatial structure
+    return x, (0.7 * x + 0.15)[:, None], torch.randint(3, (n,), generator=g)
+
+
+def test_tokenizer_loss_falls(tmp_path):
+    cfg = tiny_cfg(steps=40, ckpt_every=40, lr=3e-3)
+    _, hist = train.train_tokenizer(cfg, tmp_path, progress=False, data=tiny_data())
+    first = sum(h["rec"] for h in hist[:5]) / 5
+    last = sum(h["rec"] for h in hist[-5:]) / 5
+    assert last < 0.5 * first, (first, last)
+    saved = json.loads((train.tokenizer_dir(tmp_path, cfg) / "history.json").read_text())
+    assert len(saved) == 40 and "used_codes" in saved[4]
+
+
+KILL_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch
+    sys.path.insert(0, {tests!r})
+    from test_train import tiny_cfg, tiny_data
+    from cartlib import train
+    cfg = tiny_cfg(steps=10_000, ckpt_every=3)
+    train.train_tokenizer(cfg, {run!r}, progress=False, data=tiny_data())
+    """
+)
+
+
+def test_killed_tokenizer_run_resumes_with_identical_next_step_loss(tmp_path):
+    run = tmp_path / "killed"
+    script = KILL_SCRIPT.format(tests=os.path.dirname(__file__), run=str(run))
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    ckpt = train.tokenizer_dir(run, tiny_cfg()) / train.CKPT_NAME
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if ckpt.exists() and train.load_checkpoint(ckpt)["step"] >= 6:
+            break
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)  # no clean-up, as a real crash or preemption
+    proc.wait()
+    step = train.load_checkpoint(ckpt)["step"]
+    assert step >= 6 and step % 3 == 0
+    cfg = tiny_cfg(steps=10_000, ckpt_every=3)
+    _, resumed = train.train_tokenizer(cfg, run, progress=False, data=tiny_data(), stop_after=2)
+    _, straight = train.train_tokenizer(cfg, tmp_path / "straight", progress=False,
+                                        data=tiny_data(), stop_after=step + 2)  # fmt: skip
+    assert [h["step"] for h in resumed[-2:]] == [step, step + 1]
+    for a, b in zip(resumed[-2:], straight[-2:]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_half_written_checkpoint_is_reported_not_loaded(tmp_path):
+    cfg = tiny_cfg(steps=4, ckpt_every=2)
+    train.train_tokenizer(cfg, tmp_path, progress=False, data=tiny_data())
+    ckpt = train.tokenizer_dir(tmp_path, cfg) / train.CKPT_NAME
+    ckpt.write_bytes(ckpt.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="incomplete"):
+        train.train_tokenizer(cfg, tmp_path, progress=False, data=tiny_data())
+
+
+def test_nan_loss_stops_with_the_step_and_the_last_checkpoint(tmp_path):
+    x, b, y = tiny_data()
+    x[:] = float("nan")
+    cfg = tiny_cfg(steps=4, ckpt_every=2)
+    with pytest.raises(FloatingPointError, match="non-finite loss at step 0"):
+        train.train_tokenizer(cfg, tmp_path, progress=False, data=(x, b, y))
+
+
+def ar_setup(tmp_path, steps, ckpt_every=100, lr=3e-2):
+    cfg = load_preset("smoke", data={"resolution": 8}, decompose={"order": 1},
+                      tokenizer={**TINY_TOK, "steps": 1},
+                      ar={"depth": 2, "width": 64, "heads": 4, "steps": steps, "batch_size": 8,
+                          "lr": lr, "warmup": 5, "cond_drop": 0.0, "ckpt_every": ckpt_every})  # fmt: skip
+    tok, _ = train.train_tokenizer(cfg, tmp_path, progress=False, data=tiny_data())
+    g = torch.Generator().manual_seed(3)
+    tokens = [torch.randint(32, (8, s.h, s.w), generator=g) for s in tok.schedule]
+    labels = torch.arange(8)  # one class per sequence: even step 1 (1x1) is learnable
+    return cfg, tok, tokens, labels
+
+
+def test_tiny_transformer_overfits_a_handful_of_sequences(tmp_path):
+    cfg, tok, tokens, labels = ar_setup(tmp_path, steps=150)
+    model, hist = train.train_ar(cfg, tmp_path, tok, tokens, labels, 8, progress=False)
+    assert hist[0]["acc"] < 0.2
+    assert hist[-1]["acc"] > 0.95, hist[-1]["acc"]
+    assert hist[-1]["loss"] < 0.2 * hist[0]["loss"]
+
+
+def test_ar_training_resumes_exactly(tmp_path):
+    cfg, tok, tokens, labels = ar_setup(tmp_path / "a", steps=12, ckpt_every=4)
+    _, straight = train.train_ar(cfg, tmp_path / "a", tok, tokens, labels, 8, progress=False)
+    for part in (5, 7):  # stops after step 5 (checkpoint at 5), then runs to the end
+        _, resumed = train.train_ar(cfg, tmp_path / "b", tok, tokens, labels, 8, progress=False,
+                                    stop_after=part)  # fmt: skip
+    assert [h["step"] for h in resumed] == list(range(12))
+    for a, b in zip(resumed, straight):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
