@@ -14,6 +14,10 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("run-series", help="execute the notebook series with papermill")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--only", nargs="*", help="notebook name prefixes to run (default: all)")
+    for stage in ("train-tokenizer", "train-ar"):
+        p = sub.add_parser(stage, help=f"{stage} from a config file (under accelerate launch)")
+        p.add_argument("--config", required=True, help="a config.yaml written by cartlib")
+        p.add_argument("--run-dir", required=True)
     args = parser.parse_args(argv)
 
     if args.command == "check-data":
@@ -24,6 +28,16 @@ def main(argv: list[str] | None = None) -> int:
         from cartlib.series import run_series
 
         return run_series(args.preset, only=args.only)
+    if args.command in ("train-tokenizer", "train-ar"):
+        from cartlib import runs
+        from cartlib.config import load_config
+
+        cfg = load_config(args.config)
+        if args.command == "train-tokenizer":
+            runs.ensure_tokenizer(cfg, args.run_dir)
+        else:
+            runs.ensure_ar(cfg, args.run_dir)
+        return 0
     return 2
 
 

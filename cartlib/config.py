@@ -59,6 +59,7 @@ class TokenizerConfig:
     codebook_size: int = 256  # V (paper: 4096)
     base_patch_nums: tuple[int, ...] = (1, 2, 4, 8)  # base steps, last = latent size
     depth_per_factor: int = 1  # detail steps per factor, (M - B) / n
+    rq_depth: int = 1  # vanilla only: residual steps at full size (1 = plain VQ-VAE)
     phi_share: int = 0  # 0 = one phi_k per step (paper); k > 0 = k shared convs (VAR: 4)
     phi_kernel: int = 3
     beta: float = 0.25  # commitment weight
@@ -85,7 +86,7 @@ class ARConfig:
     cond_drop: float = 0.1  # label dropout for classifier-free guidance
     steps: int = 300
     batch_size: int = 32
-    lr: float = 3e-4  # base lr at batch 256 is scaled linearly (see train.py)
+    lr: float = 3e-3  # per 256 images (VAR's "tblr"): the optimizer gets lr * batch_size / 256
     weight_decay: float = 0.05
     warmup: int = 30
     grad_clip: float = 2.0
@@ -299,11 +300,107 @@ class DecompositionParams:  # 01_mumford_shah_decomposition
     progress: bool = True
 
 
+@dataclass
+class TokenizerParams:  # 02_train_tokenizer
+    preset: str = "smoke"
+    quantizer: str | None = None
+    order: int | None = None
+    codebook_size: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    beta: float | None = None
+    w_lpips: float | None = None
+    w_gan: float | None = None
+    gan_start: int | None = None
+    w_base: float | None = None
+    mixed_precision: str | None = None
+    dataset: str | None = None
+    resolution: int | None = None
+    compare_base_loss: bool = True
+    n_show: int = 8
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
+@dataclass
+class TokenizationParams:  # 03_tokenization
+    preset: str = "smoke"
+    order: int | None = None
+    steps: int | None = None
+    n_eval: int = 256
+    n_show: int = 4
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
+@dataclass
+class TrainARParams:  # 04_train_ar
+    preset: str = "smoke"
+    depth: int | None = None
+    dataset: str | None = None
+    resolution: int | None = None
+    order: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    num_processes: int | None = None
+    mixed_precision: str | None = None
+    data_root: str | None = None
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
+@dataclass
+class SamplingParams:  # 05_sampling
+    preset: str = "smoke"
+    guidance: float = 2.0
+    cfg_schedule: str = "linear"
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    n_per_class: int = 4
+    seed: int = 42
+    sweep: bool = True
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
 _DATA_MAP = {"dataset": "data.dataset", "resolution": "data.resolution"}
+_TOK_MAP = {
+    k: f"tokenizer.{k}"
+    for k in (
+        "quantizer",
+        "codebook_size",
+        "steps",
+        "batch_size",
+        "lr",
+        "beta",
+        "w_lpips",
+        "w_gan",
+        "gan_start",
+        "w_base",
+    )
+}
+_AR_MAP = {k: f"ar.{k}" for k in ("depth", "steps", "batch_size", "lr")}
+_RUN_MAP = {"mixed_precision": "mixed_precision", "num_processes": "num_processes"}
 _DECOMP_MAP = {k: f"decompose.{k}" for k in ("order", "alpha", "lam", "eps")}
 
 NOTEBOOKS: dict[str, tuple[type, dict[str, str]]] = {
     "01_mumford_shah_decomposition": (DecompositionParams, {**_DATA_MAP, **_DECOMP_MAP}),
+    "02_train_tokenizer": (
+        TokenizerParams,
+        {**_DATA_MAP, **_TOK_MAP, "order": "decompose.order", **_RUN_MAP},
+    ),
+    "03_tokenization": (
+        TokenizationParams,
+        {"order": "decompose.order", "steps": "tokenizer.steps"},
+    ),
+    "04_train_ar": (
+        TrainARParams,
+        {**_DATA_MAP, **_AR_MAP, "order": "decompose.order", "data_root": "data.root", **_RUN_MAP},
+    ),
+    "05_sampling": (SamplingParams, {}),
 }
 
 

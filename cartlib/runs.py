@@ -103,3 +103,78 @@ def cache_dir(*parts: str) -> Path:
     path = root.joinpath(*parts)
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+# ------------------------------------------------------------------------------- stage artifacts
+def config_hash(cfg, sections: tuple[str, ...]) -> str:
+    """A short stable hash of the named config sections (what an artifact depends on)."""
+    import hashlib
+
+    d = cfg.to_dict()
+    blob = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
+    return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+
+def tokenizer_sections(cfg) -> tuple[str, ...]:
+    return ("data", "decompose", "tokenizer") if cfg.tokenizer.quantizer == "base_detail" else (
+        "data", "tokenizer")  # fmt: skip
+
+
+def _finished(folder: Path, steps: int) -> bool:
+    from cartlib.train import CKPT_NAME, load_checkpoint
+
+    ckpt = folder / CKPT_NAME
+    return ckpt.exists() and load_checkpoint(ckpt)["step"] >= steps
+
+
+def ensure_tokenizer(cfg, run_dir, progress: bool = True):
+    """The trained tokenizer of ``cfg`` in ``run_dir``: loaded when a finished one with the same
+    data/decomposition/tokenizer settings is there, else trained (resuming a partial run)."""
+    from cartlib import train
+
+    folder = train.tokenizer_dir(resolve_run_dir(run_dir), cfg)
+    if _finished(folder, cfg.tokenizer.steps):
+        return train.load_tokenizer(folder)
+    print(f"training the tokenizer into {folder} ({cfg.tokenizer.steps} steps)")
+    tok, _ = train.train_tokenizer(cfg, resolve_run_dir(run_dir), progress=progress)
+    return tok
+
+
+def ensure_tokens(cfg, run_dir, tokenizer, split: str = "train", progress: bool = True):
+    """Token maps of a data split, extracted once with ``tokenizer`` and cached next to it.
+    -> (tokens list of (N,h_k,w_k), labels (N,), num_classes)"""
+    from cartlib import train
+
+    from accelerate import PartialState
+
+    path = train.tokenizer_dir(resolve_run_dir(run_dir), cfg) / f"tokens-{split}.pt"
+    with PartialState().main_process_first():  # under a launcher: extracted once, then loaded
+        if not path.exists():
+            _extract_tokens(cfg, tokenizer, split, path, progress)
+    blob = train.load_checkpoint(path)
+    return blob["tokens"], blob["labels"], blob["num_classes"]
+
+
+def _extract_tokens(cfg, tokenizer, split, path, progress):
+    from cartlib import train
+    from cartlib.data import load_dataset_from_config
+
+    images, bases, labels = train.tokenizer_training_data(cfg, split, progress)
+    num_classes = load_dataset_from_config(cfg.data, split, progress=False).num_classes
+    tokens = train.extract_tokens(tokenizer, images, bases, progress=progress)
+    atomic_torch_save({"tokens": tokens, "labels": labels, "num_classes": num_classes}, path)
+
+
+def ensure_ar(cfg, run_dir, progress: bool = True):
+    """(tokenizer, transformer) of ``cfg``: each loaded if finished, else trained."""
+    from cartlib import train
+
+    tok = ensure_tokenizer(cfg, run_dir, progress)
+    folder = train.ar_dir(resolve_run_dir(run_dir), cfg)
+    if _finished(folder, cfg.ar.steps):
+        return tok, train.load_ar(folder, tok)
+    tokens, labels, num_classes = ensure_tokens(cfg, run_dir, tok, "train", progress)
+    print(f"training the transformer into {folder} ({cfg.ar.steps} steps)")
+    model, _ = train.train_ar(cfg, resolve_run_dir(run_dir), tok, tokens, labels, num_classes,
+                              progress=progress)  # fmt: skip
+    return tok, model

@@ -105,8 +105,8 @@ class TokenSchedule:
     def from_config(cls, tok_cfg, order: int) -> TokenSchedule:
         """The schedule of a :class:`cartlib.config.TokenizerConfig` at decomposition ``order``."""
         q = tok_cfg.quantizer
-        if q == "vanilla":  # one single-scale VQ map (VQ-VAE / VQGAN tokenization)
-            return cls.var([tok_cfg.base_patch_nums[-1]])
+        if q == "vanilla":  # single-scale VQ (rq_depth 1 = VQ-VAE/VQGAN; > 1 = RQ-VAE)
+            return cls.var([tok_cfg.base_patch_nums[-1]] * tok_cfg.rq_depth)
         if q == "multiscale" or order == 0:
             return cls.var(tok_cfg.base_patch_nums)
         if q == "base_detail":

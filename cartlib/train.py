@@ -245,10 +245,13 @@ def tokenizer_training_data(cfg, split: str = "train", progress: bool = True):
 
 
 def tokenizer_dir(run_dir: str | Path, cfg) -> Path:
-    """Each quantizer/order gets its own folder, so notebook 03 can compare several."""
+    """``tokenizer-<quantizer>-o<order>-<hash of its settings>``: one folder per distinct
+    tokenizer, so notebooks can compare several and a changed setting never reuses a stale one."""
+    from cartlib.runs import config_hash, tokenizer_sections
+
     t = cfg.tokenizer
     order = cfg.decompose.order if t.quantizer == "base_detail" else 0
-    return Path(run_dir) / f"tokenizer-{t.quantizer}-o{order}"
+    return Path(run_dir) / f"tokenizer-{t.quantizer}-o{order}-{config_hash(cfg, tokenizer_sections(cfg))}"
 
 
 def train_tokenizer(
@@ -382,8 +385,13 @@ def ar_loss(logits: torch.Tensor, targets: torch.Tensor, level_ids: torch.Tensor
 
 
 def ar_dir(run_dir: str | Path, cfg) -> Path:
-    return tokenizer_dir(run_dir, cfg).with_name(tokenizer_dir(run_dir, cfg).name.replace(
-        "tokenizer", f"ar-d{cfg.ar.depth}"))  # fmt: skip
+    """``ar-d<depth>-<quantizer>-o<order>-<hash>``: keyed by everything the transformer sees."""
+    from cartlib.runs import config_hash, tokenizer_sections
+
+    t = cfg.tokenizer
+    order = cfg.decompose.order if t.quantizer == "base_detail" else 0
+    h = config_hash(cfg, (*tokenizer_sections(cfg), "ar"))
+    return Path(run_dir) / f"ar-d{cfg.ar.depth}-{t.quantizer}-o{order}-{h}"
 
 
 def train_ar(cfg, run_dir, tokenizer, tokens, labels, num_classes: int, progress=True,

@@ -1,0 +1,81 @@
+"""Execute the notebook series with papermill: ``make run`` / ``python -m cartlib run-series``.
+
+``papermill_runs/<preset>/params.yaml`` holds a run's parameters::
+
+    common:                     # passed to every notebook that declares the name
+      preset: tiny
+      run_dir: papermill_runs/tiny
+    02_train_tokenizer:         # one notebook's own parameters (checked strictly)
+      compare_base_loss: true
+
+Executed notebooks are written next to it (``papermill_runs/<preset>/<notebook>.ipynb``, ignored by
+git); every notebook adds its numbers to ``<run_dir>/results.json`` and its figures to
+``<run_dir>/figures/``.
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import yaml
+
+from cartlib.config import NOTEBOOKS, ConfigError
+from cartlib.runs import project_root, resolve_run_dir
+
+KERNEL = "cartlib"
+
+
+def series_notebooks(root: Path) -> list[Path]:
+    return sorted((root / "notebooks").glob("[0-9][0-9]_*.ipynb"))
+
+
+def notebook_parameters(spec: dict, name: str, declared: set[str]) -> dict:
+    """The parameters of notebook ``name``: the ``common`` ones it declares, then its own."""
+    params = {k: v for k, v in spec.get("common", {}).items() if k in declared}
+    own = spec.get(name, {}) or {}
+    unknown = set(own) - declared
+    if unknown:
+        raise ConfigError(
+            f"params.yaml gives {name} unknown parameters {sorted(unknown)}; "
+            f"it declares {sorted(declared)}"
+        )
+    return {**params, **own}
+
+
+def run_series(preset: str = "tiny", only: list[str] | None = None) -> int:
+    import papermill as pm
+
+    root = project_root()
+    out_dir = root / "papermill_runs" / preset
+    spec_path = out_dir / "params.yaml"
+    if not spec_path.exists():
+        raise FileNotFoundError(
+            f"{spec_path} is missing: named runs are "
+            f"{sorted(p.parent.name for p in (root / 'papermill_runs').glob('*/params.yaml'))}"
+        )
+    spec = yaml.safe_load(spec_path.read_text()) or {}
+    unknown = set(spec) - {"common"} - set(NOTEBOOKS)
+    if unknown:
+        raise ConfigError(f"{spec_path}: no notebooks named {sorted(unknown)}")
+    timings = {}
+    for nb in series_notebooks(root):
+        name = nb.stem
+        if only and not any(name.startswith(o) for o in only):
+            continue
+        declared = set(pm.inspect_notebook(str(nb)))
+        params = notebook_parameters(spec, name, declared)
+        out = out_dir / nb.name
+        print(f"== {name}  {params}", flush=True)
+        t0 = time.time()
+        pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=KERNEL,
+                            cwd=str(root / "notebooks"), progress_bar=False)  # fmt: skip
+        timings[name] = time.time() - t0
+        print(f"   done in {timings[name]:.0f} s -> {out}", flush=True)
+    run_dir = resolve_run_dir(spec.get("common", {}).get("run_dir", out_dir))
+    print("\nExecuted notebooks:", out_dir)
+    print("Figures:           ", run_dir / "figures")
+    print("Numbers:           ", run_dir / "results.json")
+    print("Wall time:          " + ", ".join(f"{k[:2]} {v:.0f}s" for k, v in timings.items()),
+          f"(total {sum(timings.values()) / 60:.1f} min)")  # fmt: skip
+    return 0

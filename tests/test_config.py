@@ -1,0 +1,59 @@
+"""Presets and the notebook-parameter validator: typos and wrong types are refused by name."""
+
+import pytest
+
+from cartlib import launch
+from cartlib.config import ConfigError, available_presets, load_preset, notebook_config
+from cartlib.series import notebook_parameters
+
+
+def test_presets_load_and_inherit():
+    assert {"smoke", "tiny", "cart-d16-256", "cart-d30-256", "var-d30-256"} <= set(
+        available_presets()
+    )
+    tiny = load_preset("tiny")
+    assert tiny.name == "tiny" and tiny.data.dataset == "fashion-mnist"
+    d30 = load_preset("cart-d30-256")
+    assert d30.ar.depth == 30 and d30.tokenizer.codebook_size == 4096
+    assert d30.tokenizer.base_patch_nums[-1] == 16 and d30.decompose.order == 3
+    assert load_preset("var-d30-256").decompose.order == 0
+
+
+def test_unknown_names_and_wrong_types_are_refused_with_the_fix():
+    with pytest.raises(ConfigError, match="did you mean 'depth'"):
+        load_preset("smoke", ar={"dpeth": 3})
+    with pytest.raises(ConfigError, match="must be a number"):
+        load_preset("smoke", ar={"lr": "1e-3"})
+    with pytest.raises(ConfigError, match="did you mean 'tiny'"):
+        load_preset("tinny")
+
+
+def test_notebook_parameters_are_validated_like_papermill_cannot():
+    ns = {"preset": "smoke", "order": 2, "alfa": 1.0}
+    with pytest.raises(ConfigError, match="'alfa': did you mean 'alpha'"):
+        notebook_config("01_mumford_shah_decomposition", ns)
+    with pytest.raises(ConfigError, match="order='2' must be an integer"):
+        notebook_config("01_mumford_shah_decomposition", {"order": "2"})
+    params, cfg = notebook_config("04_train_ar", {"depth": 4, "steps": 7, "print": print})
+    assert cfg.ar.depth == 4 and cfg.ar.steps == 7 and params.depth == 4
+    assert cfg.tokenizer == load_preset("smoke").tokenizer  # nothing else changed
+
+
+def test_series_parameters_are_strict_per_notebook():
+    spec = {"common": {"preset": "tiny", "n_images": 3}, "04_train_ar": {"depht": 4}}
+    assert notebook_parameters(spec, "05_sampling", {"preset", "seed"}) == {"preset": "tiny"}
+    with pytest.raises(ConfigError, match="depht"):
+        notebook_parameters(spec, "04_train_ar", {"preset", "depth"})
+
+
+def test_depth_30_means_cart_d30_and_is_explained_without_gpus(tmp_path):
+    preset = launch.preset_for_depth("smoke", 30)
+    assert preset == "cart-d30-256"
+    _, cfg = notebook_config("04_train_ar", {"preset": preset, "depth": 30})
+    plan = launch.plan_ar(cfg, tmp_path)
+    assert 2.0e9 < plan.n_params < 2.05e9
+    if plan.mode == "explain":  # this machine has no GPU
+        text = " ".join(plan.problems)
+        assert "GPU" in text and "data_root" in text
+    assert "accelerate launch --num_processes 16" in plan.command
+    assert launch.plan_ar(load_preset("smoke"), tmp_path).mode == "in-process"
