@@ -132,7 +132,8 @@ def _check_value(where: str, value: Any, tp: Any) -> Any:
         if not isinstance(value, (list, tuple)):
             raise ConfigError(f"{where}={value!r} must be a list, e.g. [1, 2, 4, 8]")
         inner = args[0] if args else Any
-        return tuple(_check_value(f"{where}[{i}]", v, inner) for i, v in enumerate(value))
+        items = [_check_value(f"{where}[{i}]", v, inner) for i, v in enumerate(value)]
+        return tuple(items) if origin is tuple else items
     if tp is Any:
         return value
     if tp is float:
@@ -366,6 +367,31 @@ class SamplingParams:  # 05_sampling
     progress: bool = True
 
 
+@dataclass
+class AblationParams:  # 06_ablation_decomposition_order
+    preset: str = "smoke"
+    orders: list[int] = field(default_factory=lambda: [0, 1, 3])
+    flat_base: bool = True
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    n_samples: int = 100
+    n_reference: int = 500
+    guidance: float = 2.0
+    tokenizer_steps: int | None = None
+    ar_steps: int | None = None
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
+@dataclass
+class AttentionParams:  # 07_attention_maps
+    preset: str = "smoke"
+    layer: int = -1
+    label: int = 0
+    seed: int = 42
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
 _DATA_MAP = {"dataset": "data.dataset", "resolution": "data.resolution"}
 _TOK_MAP = {
     k: f"tokenizer.{k}"
@@ -401,6 +427,11 @@ NOTEBOOKS: dict[str, tuple[type, dict[str, str]]] = {
         {**_DATA_MAP, **_AR_MAP, "order": "decompose.order", "data_root": "data.root", **_RUN_MAP},
     ),
     "05_sampling": (SamplingParams, {}),
+    "06_ablation_decomposition_order": (
+        AblationParams,
+        {"tokenizer_steps": "tokenizer.steps", "ar_steps": "ar.steps"},
+    ),
+    "07_attention_maps": (AttentionParams, {}),
 }
 
 

@@ -119,3 +119,15 @@ def generate(
             inp = q.next_input(f_hat, m + 1)
             x = model.step_tokens(m + 1, cond, torch.cat([inp, inp]) if use_cfg else inp)
     return Generation(tokenizer.decode(f_hat), tokens, torch.stack(steps) if return_steps else None)
+
+
+@torch.no_grad()
+def sample_set(model, tokenizer, n: int, seed: int = 0, batch_size: int = 100, **kw) -> torch.Tensor:
+    """``n`` class-balanced samples (labels 0, 1, ..., repeating) for FID/KID, in batches.
+    Deterministic in ``seed``; ``kw`` go to :func:`generate`. -> (n, 3, H, W) on the CPU"""
+    labels = torch.arange(n) % model.num_classes
+    out = []
+    for i in range(0, n, batch_size):
+        gen = generate(model, tokenizer, labels[i : i + batch_size], seed=seed * 100_003 + i, **kw)
+        out.append(gen.images.cpu())
+    return torch.cat(out)

@@ -277,7 +277,7 @@ def train_tokenizer(
     if t.w_lpips > 0:
         from cartlib.perceptual import lpips_model
 
-        perceptual = lpips_model()
+        perceptual = lpips_model(check_range=False)  # reconstructions may leave [0,1]
     crit = CompoundLoss(t, perceptual)
     opt = build_optimizer(tok.parameters(), t.lr, 0.0, betas=(0.5, 0.9))
     sch = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(min(50, t.steps // 10), t.steps))

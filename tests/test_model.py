@@ -122,3 +122,29 @@ def test_preset_parameter_counts_match_var(depth):
     assert abs(var - VAR_PARAMS[depth]) / VAR_PARAMS[depth] < 0.01
     width = 64 * depth
     assert cart - var == (2066 - 680 + 14 - 10) * width
+
+
+def test_attention_maps_sum_to_one_over_allowed_keys_and_are_zero_on_masked(model, tok):
+    from cartlib.model.attention import record_attention, step_attention_profile
+
+    sched = tok.schedule
+    tokens = random_tokens(sched, 2, 24)
+    plain = full_logits(model, tok, torch.tensor([0, 1]), tokens)
+    with record_attention(model, layers=[0, 1]) as maps:
+        recorded = full_logits(model, tok, torch.tensor([0, 1]), tokens)
+    torch.testing.assert_close(recorded, plain, atol=1e-5, rtol=1e-5)  # same model, same output
+    a = maps[1][0]  # (B, heads, L, L)
+    assert a.shape == (2, 4, sched.seq_len, sched.seq_len)
+    allowed = sched.attn_mask()
+    torch.testing.assert_close(a.sum(-1), torch.ones(2, 4, sched.seq_len))
+    assert (a[..., ~allowed] == 0).all()
+    assert not model.blocks[0].attn.store_attn  # switched off again
+    with record_attention(model, layers=[1]) as maps:
+        generate(model, tok, [0, 1], cfg=0, seed=0)
+    per_step = maps[1]
+    assert len(per_step) == sched.n_steps
+    for m, s in enumerate(sched):
+        assert per_step[m].shape == (2, 4, s.numel, sched.offsets[m + 1])
+        torch.testing.assert_close(per_step[m].sum(-1), torch.ones(2, 4, s.numel))
+    prof = step_attention_profile(per_step, sched)
+    assert len(prof["distance"]) == sched.n_steps and prof["self_share"][0] == pytest.approx(1)

@@ -43,6 +43,9 @@ def test_parameters_cell_matches_its_schema(path):
         assert isinstance(node, ast.Assign), "parameters are plain assignments"
         values[node.targets[0].id] = ast.literal_eval(node.value)
     schema, _ = NOTEBOOKS[path.stem]
-    defaults = {f.name: f.default for f in dataclasses.fields(schema)}
+    defaults = {
+        f.name: f.default_factory() if f.default is dataclasses.MISSING else f.default
+        for f in dataclasses.fields(schema)
+    }
     assert values == defaults
     assert f'notebook_config("{path.stem}", globals())' in "".join(code[1]["source"])
