@@ -282,10 +282,10 @@ def run_config_from_params(params: Any, mapping: dict[str, str]) -> RunConfig:
     return load_preset(params.preset, **overrides)
 
 
-# ------------------------------------------------------------------------ notebook parameter schemas
+# ---------------------------------------------------------------- notebook parameter schemas
 # One dataclass per notebook: field names and defaults equal the notebook's `parameters` cell
-# (tests/test_notebooks.py checks it). ``None`` means "the preset's value". MAPS says which
-# RunConfig setting each override replaces.
+# (tests/test_notebooks.py checks it). ``None`` means "the preset's value". NOTEBOOKS maps each
+# override to the RunConfig setting it replaces.
 @dataclass
 class DecompositionParams:  # 01_mumford_shah_decomposition
     preset: str = "smoke"

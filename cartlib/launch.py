@@ -77,9 +77,21 @@ def full_scale(cfg: RunConfig) -> bool:
 
 
 def command_for(config_path: Path | str, run_dir: Path | str, cfg: RunConfig, stage="train-ar"):
-    args = ["accelerate", "launch", "--num_processes", str(cfg.num_processes),
-            "--mixed_precision", cfg.mixed_precision, "-m", "cartlib", stage,
-            "--config", str(config_path), "--run-dir", str(run_dir)]  # fmt: skip
+    args = [
+        "accelerate",
+        "launch",
+        "--num_processes",
+        str(cfg.num_processes),
+        "--mixed_precision",
+        cfg.mixed_precision,
+        "-m",
+        "cartlib",
+        stage,
+        "--config",
+        str(config_path),
+        "--run-dir",
+        str(run_dir),
+    ]
     return shlex.join(args)
 
 
@@ -115,16 +127,25 @@ def plan_ar(cfg: RunConfig, run_dir: str | Path) -> Plan:
         )
     config_path = Path(run_dir) / "launch-config.yaml"
     mode = "explain" if problems else ("launch" if full_scale(cfg) else "in-process")
-    return Plan(mode, n_params, schedule.seq_len, schedule.describe(), need, mem,
-                command_for(config_path, run_dir, cfg), problems)  # fmt: skip
+    return Plan(
+        mode,
+        n_params,
+        schedule.seq_len,
+        schedule.describe(),
+        need,
+        mem,
+        command_for(config_path, run_dir, cfg),
+        problems,
+    )
 
 
 def launch(plan: Plan, cfg: RunConfig, run_dir: str | Path) -> int:
     """Write the config and run ``plan.command``, streaming its output; returns the exit code."""
     save_config(cfg, Path(run_dir) / "launch-config.yaml")
     print(f"$ {plan.command}", flush=True)
-    proc = subprocess.Popen(shlex.split(plan.command), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        shlex.split(plan.command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+    )
     for line in proc.stdout:
         sys.stdout.write(line)
     return proc.wait()

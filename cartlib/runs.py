@@ -116,8 +116,11 @@ def config_hash(cfg, sections: tuple[str, ...]) -> str:
 
 
 def tokenizer_sections(cfg) -> tuple[str, ...]:
-    return ("data", "decompose", "tokenizer") if cfg.tokenizer.quantizer == "base_detail" else (
-        "data", "tokenizer")  # fmt: skip
+    return (
+        ("data", "decompose", "tokenizer")
+        if cfg.tokenizer.quantizer == "base_detail"
+        else ("data", "tokenizer")
+    )
 
 
 def _finished(folder: Path, steps: int) -> bool:
@@ -143,9 +146,9 @@ def ensure_tokenizer(cfg, run_dir, progress: bool = True):
 def ensure_tokens(cfg, run_dir, tokenizer, split: str = "train", progress: bool = True):
     """Token maps of a data split, extracted once with ``tokenizer`` and cached next to it.
     -> (tokens list of (N,h_k,w_k), labels (N,), num_classes)"""
-    from cartlib import train
-
     from accelerate import PartialState
+
+    from cartlib import train
 
     path = train.tokenizer_dir(resolve_run_dir(run_dir), cfg) / f"tokens-{split}.pt"
     with PartialState().main_process_first():  # under a launcher: extracted once, then loaded
@@ -175,6 +178,7 @@ def ensure_ar(cfg, run_dir, progress: bool = True):
         return tok, train.load_ar(folder, tok)
     tokens, labels, num_classes = ensure_tokens(cfg, run_dir, tok, "train", progress)
     print(f"training the transformer into {folder} ({cfg.ar.steps} steps)")
-    model, _ = train.train_ar(cfg, resolve_run_dir(run_dir), tok, tokens, labels, num_classes,
-                              progress=progress)  # fmt: skip
+    model, _ = train.train_ar(
+        cfg, resolve_run_dir(run_dir), tok, tokens, labels, num_classes, progress=progress
+    )
     return tok, model

@@ -59,7 +59,9 @@ def guidance(m: int, n_steps: int, cfg: float, schedule: str) -> float:
 def _check_args(model, labels, cfg, top_k, top_p, temperature):
     nc = model.num_classes
     if labels.min() < 0 or labels.max() > nc:
-        raise ValueError(f"labels must be in [0, {nc}] ({nc} = unconditional), got {labels.tolist()}")
+        raise ValueError(
+            f"labels must be in [0, {nc}] ({nc} = unconditional), got {labels.tolist()}"
+        )
     if cfg < 0:
         raise ValueError(f"cfg={cfg} must be >= 0 (0 = no guidance)")
     if top_k < 0 or not 0 < top_p <= 1 or temperature < 0:
@@ -122,7 +124,9 @@ def generate(
 
 
 @torch.no_grad()
-def sample_set(model, tokenizer, n: int, seed: int = 0, batch_size: int = 100, **kw) -> torch.Tensor:
+def sample_set(
+    model, tokenizer, n: int, seed: int = 0, batch_size: int = 100, **kw
+) -> torch.Tensor:
     """``n`` class-balanced samples (labels 0, 1, ..., repeating) for FID/KID, in batches.
     Deterministic in ``seed``; ``kw`` go to :func:`generate`. -> (n, 3, H, W) on the CPU"""
     labels = torch.arange(n) % model.num_classes

@@ -68,14 +68,22 @@ def run_series(preset: str = "tiny", only: list[str] | None = None) -> int:
         out = out_dir / nb.name
         print(f"== {name}  {params}", flush=True)
         t0 = time.time()
-        pm.execute_notebook(str(nb), str(out), parameters=params, kernel_name=KERNEL,
-                            cwd=str(root / "notebooks"), progress_bar=False)  # fmt: skip
+        pm.execute_notebook(
+            str(nb),
+            str(out),
+            parameters=params,
+            kernel_name=KERNEL,
+            cwd=str(root / "notebooks"),
+            progress_bar=False,
+        )
         timings[name] = time.time() - t0
         print(f"   done in {timings[name]:.0f} s -> {out}", flush=True)
     run_dir = resolve_run_dir(spec.get("common", {}).get("run_dir", out_dir))
     print("\nExecuted notebooks:", out_dir)
     print("Figures:           ", run_dir / "figures")
     print("Numbers:           ", run_dir / "results.json")
-    print("Wall time:          " + ", ".join(f"{k[:2]} {v:.0f}s" for k, v in timings.items()),
-          f"(total {sum(timings.values()) / 60:.1f} min)")  # fmt: skip
+    print(
+        "Wall time:          " + ", ".join(f"{k[:2]} {v:.0f}s" for k, v in timings.items()),
+        f"(total {sum(timings.values()) / 60:.1f} min)",
+    )
     return 0

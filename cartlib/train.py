@@ -84,7 +84,11 @@ class StepBatches:
 
 # ------------------------------------------------------------------------------------ checkpoints
 def rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -165,7 +169,9 @@ def run_loop(
         atomic_torch_save(
             {
                 "step": step,
-                "modules": {n: accelerator.unwrap_model(m).state_dict() for n, m in modules.items()},
+                "modules": {
+                    n: accelerator.unwrap_model(m).state_dict() for n, m in modules.items()
+                },
                 "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
                 "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
                 "rng": rng_state(),
@@ -176,14 +182,22 @@ def run_loop(
         )
         atomic_write_bytes(ckpt_dir / "history.json", json.dumps(history).encode())
 
-    bar = tqdm(range(start, end), desc=desc, disable=not progress or not accelerator.is_main_process,
-               initial=start, total=total_steps)  # fmt: skip
+    bar = tqdm(
+        range(start, end),
+        desc=desc,
+        disable=not progress or not accelerator.is_main_process,
+        initial=start,
+        total=total_steps,
+    )
     for step in bar:
         logs = step_fn(step)
         bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
         if bad:
-            last = f"the last good checkpoint (step {start}) is {path}" if path.exists() else (
-                "no checkpoint was written yet")  # fmt: skip
+            last = (
+                f"the last good checkpoint (step {start}) is {path}"
+                if path.exists()
+                else ("no checkpoint was written yet")
+            )
             raise FloatingPointError(
                 f"{desc}: non-finite loss at step {step}: {bad}; {last}. Lower the learning "
                 "rate, set mixed_precision='no', or check the input data for NaNs"
@@ -204,7 +218,10 @@ def build_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95)):
     for p in params:
         if p.requires_grad:
             (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
 
 
@@ -251,7 +268,10 @@ def tokenizer_dir(run_dir: str | Path, cfg) -> Path:
 
     t = cfg.tokenizer
     order = cfg.decompose.order if t.quantizer == "base_detail" else 0
-    return Path(run_dir) / f"tokenizer-{t.quantizer}-o{order}-{config_hash(cfg, tokenizer_sections(cfg))}"
+    return (
+        Path(run_dir)
+        / f"tokenizer-{t.quantizer}-o{order}-{config_hash(cfg, tokenizer_sections(cfg))}"
+    )
 
 
 def train_tokenizer(
@@ -299,8 +319,9 @@ def train_tokenizer(
         b = bases[idx].float().to(acc.device) if bases is not None else None
         return x, b
 
-    batches = StepBatches(len(images), t.batch_size, t.seed, fetch, acc.process_index,
-                          acc.num_processes)  # fmt: skip
+    batches = StepBatches(
+        len(images), t.batch_size, t.seed, fetch, acc.process_index, acc.num_processes
+    )
     quant = acc.unwrap_model(tok).quantizer
 
     def step_fn(step: int) -> dict[str, float]:
@@ -331,10 +352,18 @@ def train_tokenizer(
         return logs
 
     history = run_loop(
-        accelerator=acc, modules=modules, optimizers=optimizers, schedulers=schedulers,
-        step_fn=step_fn, total_steps=t.steps, ckpt_dir=out_dir, ckpt_every=t.ckpt_every,
-        stop_after=stop_after, progress=progress, desc=f"tokenizer ({t.quantizer})",
-    )  # fmt: skip
+        accelerator=acc,
+        modules=modules,
+        optimizers=optimizers,
+        schedulers=schedulers,
+        step_fn=step_fn,
+        total_steps=t.steps,
+        ckpt_dir=out_dir,
+        ckpt_every=t.ckpt_every,
+        stop_after=stop_after,
+        progress=progress,
+        desc=f"tokenizer ({t.quantizer})",
+    )
     tok = acc.unwrap_model(tok).eval()
     return tok, history
 
@@ -369,7 +398,11 @@ def extract_tokens(tokenizer, images, bases=None, batch_size: int = 256, progres
         x = images[i : i + batch_size].float().to(device)
         b = bases[i : i + batch_size].float().to(device) if bases is not None else None
         for col, r in zip(cols, tokenizer.encode(x, b)):
-            col.append(r.to(torch.int16 if tokenizer.quantizer.codebook_size < 2**15 else torch.int32).cpu())
+            col.append(
+                r.to(
+                    torch.int16 if tokenizer.quantizer.codebook_size < 2**15 else torch.int32
+                ).cpu()
+            )
     return [torch.cat(c) for c in cols]
 
 
@@ -394,8 +427,16 @@ def ar_dir(run_dir: str | Path, cfg) -> Path:
     return Path(run_dir) / f"ar-d{cfg.ar.depth}-{t.quantizer}-o{order}-{h}"
 
 
-def train_ar(cfg, run_dir, tokenizer, tokens, labels, num_classes: int, progress=True,
-             stop_after: int | None = None):  # fmt: skip
+def train_ar(
+    cfg,
+    run_dir,
+    tokenizer,
+    tokens,
+    labels,
+    num_classes: int,
+    progress=True,
+    stop_after: int | None = None,
+):
     """Train the next-detail transformer on pre-extracted ``tokens`` (list of (N,h_k,w_k)) and
     ``labels`` (N,). AdamW (0.9, 0.95), lr = ar.lr x batch / 256 (VAR's scaling), warm-up then
     cosine decay, gradient clipping, label dropout for classifier-free guidance."""
@@ -422,8 +463,9 @@ def train_ar(cfg, run_dir, tokenizer, tokens, labels, num_classes: int, progress
     def fetch(idx):
         return flat[idx].long().to(acc.device), labels[idx].to(acc.device)
 
-    batches = StepBatches(len(flat), a.batch_size, a.seed, fetch, acc.process_index,
-                          acc.num_processes)  # fmt: skip
+    batches = StepBatches(
+        len(flat), a.batch_size, a.seed, fetch, acc.process_index, acc.num_processes
+    )
 
     def step_fn(step: int) -> dict[str, float]:
         x, y = batches(step)
@@ -447,11 +489,18 @@ def train_ar(cfg, run_dir, tokenizer, tokens, labels, num_classes: int, progress
         return logs
 
     history = run_loop(
-        accelerator=acc, modules={"model": model}, optimizers={"opt": opt},
-        schedulers={"sched": lrs}, step_fn=step_fn, total_steps=a.steps, ckpt_dir=out_dir,
-        ckpt_every=a.ckpt_every, stop_after=stop_after, progress=progress,
+        accelerator=acc,
+        modules={"model": model},
+        optimizers={"opt": opt},
+        schedulers={"sched": lrs},
+        step_fn=step_fn,
+        total_steps=a.steps,
+        ckpt_dir=out_dir,
+        ckpt_every=a.ckpt_every,
+        stop_after=stop_after,
+        progress=progress,
         desc=f"next-detail AR d{a.depth}",
-    )  # fmt: skip
+    )
     return core.eval(), history
 
 

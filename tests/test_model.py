@@ -6,7 +6,6 @@ import torch
 from cartlib.config import DecomposeConfig, TokenizerConfig
 from cartlib.model import VAR_PARAMS, NextDetailTransformer, preset_param_count
 from cartlib.sample import filter_logits, generate
-from cartlib.schedule import TokenSchedule
 from cartlib.tokenizer import Tokenizer
 
 torch.manual_seed(0)
@@ -14,8 +13,14 @@ torch.manual_seed(0)
 
 @pytest.fixture(scope="module")
 def tok():
-    cfg = TokenizerConfig(channels=8, ch_mult=(1, 2), latent_channels=4, codebook_size=24,
-                          base_patch_nums=(1, 2, 4), depth_per_factor=1)  # fmt: skip
+    cfg = TokenizerConfig(
+        channels=8,
+        ch_mult=(1, 2),
+        latent_channels=4,
+        codebook_size=24,
+        base_patch_nums=(1, 2, 4),
+        depth_per_factor=1,
+    )
     torch.manual_seed(1)
     return Tokenizer(cfg, DecomposeConfig(order=2), resolution=8).eval()
 

@@ -94,8 +94,14 @@ def test_teacher_inputs_are_accumulated_f_hat_resampled_to_the_next_step():
 
 
 def small_tokenizer(quantizer: str, order: int) -> Tokenizer:
-    cfg = TokenizerConfig(quantizer=quantizer, channels=8, ch_mult=(1, 2), latent_channels=4,
-                          codebook_size=32, base_patch_nums=(1, 2, 4, 8))  # fmt: skip
+    cfg = TokenizerConfig(
+        quantizer=quantizer,
+        channels=8,
+        ch_mult=(1, 2),
+        latent_channels=4,
+        codebook_size=32,
+        base_patch_nums=(1, 2, 4, 8),
+    )
     return Tokenizer(cfg, DecomposeConfig(order=order), resolution=16)
 
 

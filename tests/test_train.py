@@ -15,14 +15,22 @@ import torch
 from cartlib import train
 from cartlib.config import load_preset
 
-TINY_TOK = {"channels": 8, "ch_mult": [1, 2], "latent_channels": 4, "codebook_size": 32,
-            "base_patch_nums": [1, 2, 4], "depth_per_factor": 1, "batch_size": 8,
-            "dead_code_every": 5}  # fmt: skip
+TINY_TOK = {
+    "channels": 8,
+    "ch_mult": [1, 2],
+    "latent_channels": 4,
+    "codebook_size": 32,
+    "base_patch_nums": [1, 2, 4],
+    "depth_per_factor": 1,
+    "batch_size": 8,
+    "dead_code_every": 5,
+}
 
 
 def tiny_cfg(**tok):
-    return load_preset("smoke", data={"resolution": 8}, decompose={"order": 1},
-                       tokenizer={**TINY_TOK, **tok})  # fmt: skip
+    return load_preset(
+        "smoke", data={"resolution": 8}, decompose={"order": 1}, tokenizer={**TINY_TOK, **tok}
+    )
 
 
 def tiny_data(n=32, seed=0):
@@ -70,8 +78,9 @@ def test_killed_tokenizer_run_resumes_with_identical_next_step_loss(tmp_path):
     assert step >= 6 and step % 3 == 0
     cfg = tiny_cfg(steps=10_000, ckpt_every=3)
     _, resumed = train.train_tokenizer(cfg, run, progress=False, data=tiny_data(), stop_after=2)
-    _, straight = train.train_tokenizer(cfg, tmp_path / "straight", progress=False,
-                                        data=tiny_data(), stop_after=step + 2)  # fmt: skip
+    _, straight = train.train_tokenizer(
+        cfg, tmp_path / "straight", progress=False, data=tiny_data(), stop_after=step + 2
+    )
     assert [h["step"] for h in resumed[-2:]] == [step, step + 1]
     for a, b in zip(resumed[-2:], straight[-2:]):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
@@ -95,10 +104,23 @@ def test_nan_loss_stops_with_the_step_and_the_last_checkpoint(tmp_path):
 
 
 def ar_setup(tmp_path, steps, ckpt_every=100, lr=3e-2):
-    cfg = load_preset("smoke", data={"resolution": 8}, decompose={"order": 1},
-                      tokenizer={**TINY_TOK, "steps": 1},
-                      ar={"depth": 2, "width": 64, "heads": 4, "steps": steps, "batch_size": 8,
-                          "lr": lr, "warmup": 5, "cond_drop": 0.0, "ckpt_every": ckpt_every})  # fmt: skip
+    cfg = load_preset(
+        "smoke",
+        data={"resolution": 8},
+        decompose={"order": 1},
+        tokenizer={**TINY_TOK, "steps": 1},
+        ar={
+            "depth": 2,
+            "width": 64,
+            "heads": 4,
+            "steps": steps,
+            "batch_size": 8,
+            "lr": lr,
+            "warmup": 5,
+            "cond_drop": 0.0,
+            "ckpt_every": ckpt_every,
+        },
+    )
     tok, _ = train.train_tokenizer(cfg, tmp_path, progress=False, data=tiny_data())
     g = torch.Generator().manual_seed(3)
     tokens = [torch.randint(32, (8, s.h, s.w), generator=g) for s in tok.schedule]
@@ -118,8 +140,9 @@ def test_ar_training_resumes_exactly(tmp_path):
     cfg, tok, tokens, labels = ar_setup(tmp_path / "a", steps=12, ckpt_every=4)
     _, straight = train.train_ar(cfg, tmp_path / "a", tok, tokens, labels, 8, progress=False)
     for part in (5, 7):  # stops after step 5 (checkpoint at 5), then runs to the end
-        _, resumed = train.train_ar(cfg, tmp_path / "b", tok, tokens, labels, 8, progress=False,
-                                    stop_after=part)  # fmt: skip
+        _, resumed = train.train_ar(
+            cfg, tmp_path / "b", tok, tokens, labels, 8, progress=False, stop_after=part
+        )
     assert [h["step"] for h in resumed] == list(range(12))
     for a, b in zip(resumed, straight):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)

@@ -15,9 +15,16 @@ def build_model(cfg, schedule, num_classes: int, device=None) -> NextDetailTrans
     a, t = cfg.ar, cfg.tokenizer
     with torch.device(device) if device is not None else torch.device("cpu"):
         return NextDetailTransformer(
-            schedule, t.codebook_size, t.latent_channels, num_classes, a.depth, a.width, a.heads,
-            a.mlp_ratio, a.dropout,
-        )  # fmt: skip
+            schedule,
+            t.codebook_size,
+            t.latent_channels,
+            num_classes,
+            a.depth,
+            a.width,
+            a.heads,
+            a.mlp_ratio,
+            a.dropout,
+        )
 
 
 def preset_param_count(preset: str, num_classes: int = 1000) -> int:

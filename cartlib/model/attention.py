@@ -31,8 +31,9 @@ def record_attention(
     for i in layers:
         attn = model.blocks[i].attn
         attn.store_attn = True
-        handles.append(attn.register_forward_hook(lambda mod, _in, _out, i=i: maps[i].append(
-            mod.last_attn)))  # fmt: skip
+        handles.append(
+            attn.register_forward_hook(lambda mod, _in, _out, i=i: maps[i].append(mod.last_attn))
+        )
     try:
         yield maps
     finally:
@@ -50,8 +51,8 @@ def attention_distance(attn: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Ten
 
 
 def step_attention_profile(maps_per_step: list[torch.Tensor], schedule) -> dict[str, list[float]]:
-    """Per generation step: attention distance, and the share of attention a step's tokens give
-    to the *same* step (vs. all earlier ones). ``maps_per_step``: one cached-sampling map per step."""
+    """Per generation step: attention distance, and the share of attention a step's tokens
+    give to their own step (vs. all earlier ones). ``maps_per_step``: one map per cached step."""
     pos = schedule.positions()
     dist, self_share = [], []
     for m, a in enumerate(maps_per_step):

@@ -69,9 +69,11 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width, elementwise_affine=False, eps=1e-6)
         hidden = int(width * mlp_ratio)
         self.mlp = nn.Sequential(
-            nn.Linear(width, hidden), nn.GELU(approximate="tanh"), nn.Linear(hidden, width),
+            nn.Linear(width, hidden),
+            nn.GELU(approximate="tanh"),
+            nn.Linear(hidden, width),
             nn.Dropout(dropout),
-        )  # fmt: skip
+        )
         self.ada = nn.Sequential(nn.SiLU(), nn.Linear(width, 6 * width))  # AdaLN from the class
 
     def forward(self, x, cond, mask, cache=None):

@@ -82,7 +82,9 @@ class ScheduleQuantizer(nn.Module):
         if self.phi_share == 0:
             return self.phis[m]
         at = m / max(1, self.schedule.n_steps - 1)
-        ticks = torch.linspace(1 / (3 * self.phi_share), 1 - 1 / (3 * self.phi_share), self.phi_share)
+        ticks = torch.linspace(
+            1 / (3 * self.phi_share), 1 - 1 / (3 * self.phi_share), self.phi_share
+        )
         return self.phis[int((ticks - at).abs().argmin())]
 
     # ----------------------------------------------------------------------- codes

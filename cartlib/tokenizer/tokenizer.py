@@ -52,9 +52,13 @@ class Tokenizer(nn.Module):
         self.encoder = Encoder(cfg.channels, cfg.ch_mult, cfg.latent_channels)
         self.decoder = Decoder(cfg.channels, cfg.ch_mult, cfg.latent_channels)
         self.quantizer = ScheduleQuantizer(
-            self.schedule, cfg.codebook_size, cfg.latent_channels, cfg.beta, cfg.phi_share,
+            self.schedule,
+            cfg.codebook_size,
+            cfg.latent_channels,
+            cfg.beta,
+            cfg.phi_share,
             cfg.phi_kernel,
-        )  # fmt: skip
+        )
 
     @property
     def order(self) -> int:

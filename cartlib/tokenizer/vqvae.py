@@ -20,9 +20,13 @@ class ResBlock(nn.Module):
     def __init__(self, c_in: int, c_out: int):
         super().__init__()
         self.block = nn.Sequential(
-            _norm(c_in), nn.SiLU(), nn.Conv2d(c_in, c_out, 3, padding=1),
-            _norm(c_out), nn.SiLU(), nn.Conv2d(c_out, c_out, 3, padding=1),
-        )  # fmt: skip
+            _norm(c_in),
+            nn.SiLU(),
+            nn.Conv2d(c_in, c_out, 3, padding=1),
+            _norm(c_out),
+            nn.SiLU(),
+            nn.Conv2d(c_out, c_out, 3, padding=1),
+        )
         self.skip = nn.Conv2d(c_in, c_out, 1) if c_in != c_out else nn.Identity()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -61,7 +65,10 @@ class Decoder(nn.Module):
                 layers.append(ResBlock(c, channels * mult))
                 c = channels * mult
             if i > 0:
-                layers += [nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv2d(c, c, 3, padding=1)]
+                layers += [
+                    nn.Upsample(scale_factor=2, mode="nearest"),
+                    nn.Conv2d(c, c, 3, padding=1),
+                ]
         layers += [_norm(c), nn.SiLU(), nn.Conv2d(c, 3, 3, padding=1)]
         self.net = nn.Sequential(*layers)
 
