@@ -154,7 +154,7 @@ def compare_figure(images: list[torch.Tensor], titles: list[str], title=None, si
 
 def save_open_figures(run_dir, prefix: str) -> list[Path]:
     """Save every figure made by this module (and any still-open pyplot figure) since the last
-    call as ``<run_dir>/figures/<prefix>_<nn>_<title>.png``; returns the paths."""
+    call as ``<run_dir>/figures/<prefix>_<nn>_<title>.png``, then close them; returns the paths."""
     from cartlib.runs import resolve_run_dir
 
     figs = list(_FIGURES)
@@ -168,4 +168,34 @@ def save_open_figures(run_dir, prefix: str) -> list[Path]:
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:40] or "figure"
         paths.append(out / f"{prefix}_{i:02d}_{slug}.png")
         fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
+        plt.close(fig)
     return paths
+
+
+def figure_panel(draw, **controls):
+    """A live panel: ``controls`` (ipywidgets, e.g. sliders) above an image of ``draw(**values)``,
+    a function returning a matplotlib Figure, redrawn whenever a control changes.
+
+    The figure is shown as PNG bytes in an ``ipywidgets.Image`` rather than through ``interact``'s
+    Output widget: executing ``interact`` headless (papermill/nbclient) can deadlock under load
+    (jupyter/nbconvert#1921, nteract/papermill#723), an Image widget is a plain state update.
+    """
+    import io
+
+    import ipywidgets as widgets
+
+    image = widgets.Image(format="png")
+
+    def render(_=None):
+        fig = draw(**{name: c.value for name, c in controls.items()})
+        buf = io.BytesIO()
+        fig.savefig(buf, format="png", dpi=90, bbox_inches="tight")
+        plt.close(fig)
+        if fig in _FIGURES:
+            _FIGURES.remove(fig)
+        image.value = buf.getvalue()
+
+    for c in controls.values():
+        c.observe(render, names="value")
+    render()
+    return widgets.VBox([widgets.HBox(list(controls.values())), image])

@@ -392,3 +392,34 @@ def test_cuda_matches_cpu():
         assert gpu.base.is_cuda and gpu.base.dtype == dtype
         assert (gpu.base.cpu() - cpu.base).abs().max() < tol
         assert (x.to(dtype).cuda() - gpu.reconstruct()).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------------------------------ figures
+def test_figures_are_saved_and_the_panel_redraws(tmp_path):
+    import ipywidgets as widgets
+    import matplotlib
+
+    from cartlib import viz
+
+    matplotlib.use("Agg")
+    x = photos(16, torch.float32)
+    dec = base_detail(x, order=2)
+    viz.save_open_figures(tmp_path, "old")  # start from an empty registry
+    fig = viz.decomposition_figure(x[1], dec, 1)
+    assert len(fig.axes) == 5 + 1  # I, B_2, D_2, D_1, s_2 and the colour bar
+    viz.decomposition_rows_figure(x, dec, title="rows")
+    paths = viz.save_open_figures(tmp_path, "01")
+    assert [p.name for p in paths] == ["01_00_figure.png", "01_01_rows.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+    assert viz.save_open_figures(tmp_path, "01") == []  # saved once
+
+    def draw(order):
+        return viz.decomposition_figure(x[0], base_detail(x[:1], order))
+
+    slider = widgets.IntSlider(value=1, min=0, max=3)
+    panel = viz.figure_panel(draw, order=slider)
+    image = panel.children[1]
+    first = image.value
+    assert first[:4] == b"\x89PNG"
+    slider.value = 3
+    assert image.value[:4] == b"\x89PNG" and image.value != first

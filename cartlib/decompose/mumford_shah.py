@@ -60,6 +60,7 @@ Design decisions (measured with the scripts in benchmarks/ and tests/test_decomp
 
 from __future__ import annotations
 
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -199,7 +200,7 @@ def check_params(alpha, lam, eps) -> float:
     return eps."""
     eps = DEFAULT_EPS if eps is None else eps
     for name, v, paper in (("alpha", alpha, "1"), ("lam", lam, "0.01"), ("eps", eps, "0.1")):
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or v == float("inf"):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not 0 < v < float("inf"):
             raise ValueError(
                 f"{name}={v!r} must be a positive finite number (paper/default: {name}={paper})"
             )
@@ -231,7 +232,7 @@ def check_input(x, name: str = "x") -> torch.Tensor:
 class ATInfo:
     """What :func:`ambrosio_tortorelli` did. ``changes``: the relative change of u in each outer
     iteration (max over the batch); ``energies`` (only with return_info=True): (steps, B), the
-    energy of (f, s=0), then after the initial s-step and after every u- and s-step."""
+    energy of (f, s_init or 0), then after the initial s-step and after every u- and s-step."""
 
     outer: int = 0
     converged: bool = False
