@@ -59,6 +59,7 @@ class TokenizerConfig:
     codebook_size: int = 256  # V (paper: 4096)
     base_patch_nums: tuple[int, ...] = (1, 2, 4, 8)  # base steps, last = latent size
     depth_per_factor: int = 1  # detail steps per factor, (M - B) / n
+    detail_carry: bool = False  # True: detail steps also correct earlier error (not Alg. 1)
     rq_depth: int = 1  # vanilla only: residual steps at full size (1 = plain VQ-VAE)
     phi_share: int = 0  # 0 = one phi_k per step (paper); k > 0 = k shared convs (VAR: 4)
     phi_kernel: int = 3
@@ -416,7 +417,7 @@ NOTEBOOKS: dict[str, tuple[type, dict[str, str]]] = {
     "01_mumford_shah_decomposition": (DecompositionParams, {**_DATA_MAP, **_DECOMP_MAP}),
     "02_train_tokenizer": (
         TokenizerParams,
-        {**_DATA_MAP, **_TOK_MAP, "order": "decompose.order", **_RUN_MAP},
+        {**_DATA_MAP, **_TOK_MAP, "order": "decompose.order", "mixed_precision": "mixed_precision"},
     ),
     "03_tokenization": (
         TokenizationParams,

@@ -164,7 +164,9 @@ def save_open_figures(run_dir, prefix: str) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     paths = []
     for i, fig in enumerate(figs):
-        label = fig._suptitle.get_text() if fig._suptitle else ""
+        label = getattr(fig, "cartlib_name", None) or (
+            fig._suptitle.get_text() if fig._suptitle else ""
+        )
         slug = re.sub(r"[^a-z0-9]+", "-", label.lower()).strip("-")[:40] or "figure"
         paths.append(out / f"{prefix}_{i:02d}_{slug}.png")
         fig.savefig(paths[-1], dpi=100, bbox_inches="tight")
@@ -199,3 +201,73 @@ def figure_panel(draw, **controls):
         c.observe(render, names="value")
     render()
     return widgets.VBox([widgets.HBox(list(controls.values())), image])
+
+
+def show(fig=None, name: str | None = None) -> None:
+    """Display a figure made in a notebook and remember it for :func:`save_open_figures`
+    (``name`` becomes its file name)."""
+    fig = fig or plt.gcf()
+    if name:
+        fig.cartlib_name = name
+    _show(_register(fig))
+
+
+def show_steps(
+    steps: torch.Tensor,
+    labels: list[str],
+    title: str | None = None,
+    highlight: int | None = None,
+    size: float = 1.2,
+) -> None:
+    """Decoded images after every generation/tokenization step, (M, B, 3, H, W): one row per
+    image, one column per step; ``highlight`` frames one column (e.g. the generated base)."""
+    m, b = steps.shape[:2]
+    fig, axes = plt.subplots(
+        b, m, figsize=(size * m, size * b + 0.4), squeeze=False, layout="constrained"
+    )
+    for i in range(b):
+        for k in range(m):
+            ax = axes[i, k]
+            ax.imshow(to_image(steps[k, i]), cmap="gray", vmin=0, vmax=1)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(labels[k], fontsize=8)
+            if k == highlight:
+                for spine in ax.spines.values():
+                    spine.set_edgecolor("orange")
+                    spine.set_linewidth(3)
+    if title:
+        fig.suptitle(title)
+    _show(_register(fig))
+
+
+def show_token_maps(tokens: list[torch.Tensor], labels: list[str], vocab: int) -> None:
+    """The token maps r_1..r_M of the first image of a batch; colour = code index."""
+    fig, axes = plt.subplots(
+        1, len(tokens), figsize=(1.2 * len(tokens), 1.6), squeeze=False, layout="constrained"
+    )
+    for ax, r, label in zip(axes[0], tokens, labels, strict=True):
+        ax.imshow(r[0].cpu(), cmap="nipy_spectral", vmin=0, vmax=vocab - 1, interpolation="nearest")
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    fig.suptitle("token maps (colour = code index)")
+    _show(_register(fig))
+
+
+def plot_history(history: list[dict], keys: list[str], title: str | None = None, smooth=10):
+    """Training curves of those ``keys`` present in ``history`` (raw and a moving average)."""
+    keys = [k for k in keys if any(k in h for h in history)]
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False, layout="constrained"
+    )
+    for ax, key in zip(axes[0], keys, strict=True):
+        steps, values = np.array([(h["step"], h[key]) for h in history if key in h]).T
+        ax.plot(steps, values, alpha=0.35, lw=0.8)
+        if len(values) > smooth:
+            ax.plot(steps[smooth - 1 :], np.convolve(values, np.ones(smooth) / smooth, "valid"))
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+    if title:
+        fig.suptitle(title)
+    _show(_register(fig))

@@ -57,3 +57,20 @@ def test_depth_30_means_cart_d30_and_is_explained_without_gpus(tmp_path):
         assert "GPU" in text and "data_root" in text
     assert "accelerate launch --num_processes 16" in plan.command
     assert launch.plan_ar(load_preset("smoke"), tmp_path).mode == "in-process"
+
+
+def test_every_notebook_mapping_names_its_own_parameters_and_real_settings():
+    import dataclasses
+
+    from cartlib.config import NOTEBOOKS, RunConfig
+
+    run = RunConfig()
+    for name, (schema, mapping) in NOTEBOOKS.items():
+        fields = {f.name for f in dataclasses.fields(schema)}
+        assert set(mapping) <= fields, (name, set(mapping) - fields)
+        assert "preset" in fields and "run_dir" in fields and "progress" in fields, name
+        for target in mapping.values():
+            obj = run
+            for part in target.split("."):
+                assert hasattr(obj, part), (name, target)
+                obj = getattr(obj, part)

@@ -180,3 +180,21 @@ def test_partial_reconstructions_and_dead_code_restart():
     steps = tok.partial_reconstructions(tokens)
     assert steps.shape == (tok.schedule.n_steps, 2, 3, 16, 16)
     assert steps.min() >= 0 and steps.max() <= 1
+
+
+def test_detail_carry_lets_detail_steps_correct_the_base_error():
+    """Alg. 1 as printed keeps the base's quantization error e; with carry the detail chain
+    quantizes f_D + e and (given the code for it) removes it."""
+    sched = TokenSchedule.cart((2,), n_factors=1, depth_per_factor=1)
+    c_a, c_b, e = torch.tensor([3.0, 0, 0]), torch.tensor([0, 2.0, 0]), torch.tensor([0, 0, 0.3])
+    f_b1 = (c_a + e).view(1, 3, 1, 1).expand(1, 3, 2, 2).contiguous()
+    f_d1 = c_b.view(1, 3, 1, 1).expand(1, 3, 2, 2)
+    f_i = f_b1 + f_d1
+    errors = {}
+    for carry in (False, True):
+        q = identity_phi(ScheduleQuantizer(sched, 3, 3, carry=carry))
+        q.codebook.weight.data = torch.stack([c_a, c_b, c_b + e])
+        out = q(f_i, [f_b1])
+        errors[carry] = (out.f_hat - f_i).abs().max().item()
+    assert errors[False] == pytest.approx(0.3)
+    assert errors[True] < 1e-6

@@ -66,7 +66,8 @@ def test_killed_tokenizer_run_resumes_with_identical_next_step_loss(tmp_path):
     run = tmp_path / "killed"
     script = KILL_SCRIPT.format(tests=os.path.dirname(__file__), run=str(run))
     proc = subprocess.Popen([sys.executable, "-c", script])
-    ckpt = train.tokenizer_dir(run, tiny_cfg()) / train.CKPT_NAME
+    cfg = tiny_cfg(steps=10_000, ckpt_every=3)
+    ckpt = train.tokenizer_dir(run, cfg) / train.CKPT_NAME
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
         if ckpt.exists() and train.load_checkpoint(ckpt)["step"] >= 6:
@@ -76,7 +77,6 @@ def test_killed_tokenizer_run_resumes_with_identical_next_step_loss(tmp_path):
     proc.wait()
     step = train.load_checkpoint(ckpt)["step"]
     assert step >= 6 and step % 3 == 0
-    cfg = tiny_cfg(steps=10_000, ckpt_every=3)
     _, resumed = train.train_tokenizer(cfg, run, progress=False, data=tiny_data(), stop_after=2)
     _, straight = train.train_tokenizer(
         cfg, tmp_path / "straight", progress=False, data=tiny_data(), stop_after=step + 2

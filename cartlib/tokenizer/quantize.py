@@ -61,9 +61,11 @@ class ScheduleQuantizer(nn.Module):
         beta: float = 0.25,
         phi_share: int = 0,
         phi_kernel: int = 3,
+        carry: bool = False,
     ):
         super().__init__()
         self.schedule = schedule
+        self.carry = carry
         self.beta = beta
         self.codebook = nn.Embedding(codebook_size, dim)
         nn.init.uniform_(self.codebook.weight, -1 / codebook_size, 1 / codebook_size)
@@ -130,32 +132,49 @@ class ScheduleQuantizer(nn.Module):
             out[t] = chain[t - 1] - chain[t]  # Eq. 8
         return out
 
+    def chain_targets(self, f_image, f_bases) -> dict[int, torch.Tensor]:
+        """What each step's residual chain approximates. ``carry=False`` (Alg. 1 as printed):
+        chain 0 = f_{B_n}, chain t = f_{D_t}, each quantized on its own. ``carry=True``: one
+        chain whose target moves from f_{B_n} to f_{B_{t-1}} = f_{B_n} + f_{D_n} + ... + f_{D_t}
+        as the detail factors arrive, so every step also corrects the error left by the steps
+        before it (the base's quantization error included)."""
+        targets = self.targets(f_image, f_bases)
+        if not self.carry:
+            return targets
+        n = self.schedule.n_factors
+        chain = [f_image, *(f_bases or [])]
+        return {0: targets[0], **{t: chain[t - 1] for t in range(1, n + 1)}}
+
     def forward(self, f_image: torch.Tensor, f_bases: list[torch.Tensor] | None = None):
         """Alg. 1 (tokens) and Alg. 2 (f_hat) in one pass, with losses for training."""
-        targets = self.targets(f_image, f_bases)
-        rest = {t: v.detach() for t, v in targets.items()}  # residuals still to quantize
-        chain_hat = {t: torch.zeros_like(v) for t, v in targets.items()}
+        targets = self.chain_targets(f_image, f_bases)
+        chain_hat: dict[int, torch.Tensor] = {}  # sum of the phi terms of each chain
         if self.training and not bool(self.initialized):
-            self.init_codebook(torch.cat([v.detach() for v in targets.values()]))
+            self.init_codebook(
+                torch.cat([v.detach() for v in self.targets(f_image, f_bases).values()])
+            )
         tokens, losses, step_mse = [], [], []
+        f_hat_base = None
         for m, step in enumerate(self.schedule):
             t = step.factor  # 0 for base steps
-            z_in = resize(rest[t], (step.h, step.w))  # Alg. 1: interpolate(f_B, h_k, w_k)
+            key = 0 if self.carry else t
+            target = targets[t]
+            hat = chain_hat.get(key, torch.zeros_like(target))
+            rest = target.detach() - hat.detach()  # what is left to quantize (Alg. 1: f_B, f_D)
+            z_in = resize(rest, (step.h, step.w))  # Alg. 1: interpolate(f_B, h_k, w_k)
             idx = self.nearest(z_in)
             if self.training:
                 self._remember(z_in)
             term = self.step_term(idx, m)  # phi_k(interpolate(z_k, h_M, w_M))
-            rest[t] = rest[t] - term.detach()  # f_B <- f_B - phi_k(z_k)
-            chain_hat[t] = chain_hat[t] + term
-            target = targets[t]
+            chain_hat[key] = hat = hat + term  # f_B <- f_B - phi_k(z_k), kept as f_hat instead
             losses.append(
-                F.mse_loss(chain_hat[t], target.detach())
-                + self.beta * F.mse_loss(chain_hat[t].detach(), target)
+                F.mse_loss(hat, target.detach()) + self.beta * F.mse_loss(hat.detach(), target)
             )
-            step_mse.append(F.mse_loss(chain_hat[t].detach(), target.detach()))
+            step_mse.append(F.mse_loss(hat.detach(), target.detach()))
             tokens.append(idx)
+            if m == self.schedule.n_base - 1:
+                f_hat_base = sum(chain_hat.values())
         f_hat = sum(chain_hat.values())
-        f_hat_base = chain_hat[0]
         f_base = targets[0]
         return QuantOutput(
             f_hat=f_image + (f_hat - f_image).detach() + (f_hat - f_hat.detach()),

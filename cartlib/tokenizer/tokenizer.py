@@ -58,6 +58,7 @@ class Tokenizer(nn.Module):
             cfg.beta,
             cfg.phi_share,
             cfg.phi_kernel,
+            cfg.detail_carry,
         )
 
     @property
