@@ -371,11 +371,11 @@ class SamplingParams:  # 05_sampling
 @dataclass
 class AblationParams:  # 06_ablation_decomposition_order
     preset: str = "smoke"
-    orders: list[int] = field(default_factory=lambda: [0, 1, 3])
-    flat_base: bool = True
+    orders: list[int] = field(default_factory=lambda: [0, 3])
+    flat_base: bool = False
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    n_samples: int = 100
-    n_reference: int = 500
+    n_samples: int = 50
+    n_reference: int = 200
     guidance: float = 2.0
     tokenizer_steps: int | None = None
     ar_steps: int | None = None

@@ -95,13 +95,23 @@ def command_for(config_path: Path | str, run_dir: Path | str, cfg: RunConfig, st
     return shlex.join(args)
 
 
+def _num_classes(cfg: RunConfig) -> int:
+    """The dataset's class count when it can be read here, else ImageNet's 1000."""
+    from cartlib.data import load_dataset_from_config
+
+    try:
+        return load_dataset_from_config(cfg.data, "test", progress=False).num_classes
+    except Exception:  # not on this machine: planning must still work
+        return 1000
+
+
 def plan_ar(cfg: RunConfig, run_dir: str | Path) -> Plan:
     """Validate ``cfg`` completely and decide where its transformer training runs."""
     from cartlib.model import build_model
 
     order = cfg.decompose.order if cfg.tokenizer.quantizer == "base_detail" else 0
     schedule = TokenSchedule.from_config(cfg.tokenizer, order)
-    model = build_model(cfg, schedule, num_classes=1000, device="meta")
+    model = build_model(cfg, schedule, _num_classes(cfg), device="meta")
     n_params = model.num_params()
     mem = estimate_gpu_memory(cfg, n_params, schedule.seq_len)
     problems = []

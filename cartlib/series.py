@@ -7,6 +7,7 @@
       run_dir: papermill_runs/tiny
     02_train_tokenizer:         # one notebook's own parameters (checked strictly)
       compare_base_loss: true
+    notebooks: [06_ablation_decomposition_order]   # optional: run only these
 
 Executed notebooks are written next to it (``papermill_runs/<preset>/<notebook>.ipynb``, ignored by
 git); every notebook adds its numbers to ``<run_dir>/results.json`` and its figures to
@@ -55,9 +56,10 @@ def run_series(preset: str = "tiny", only: list[str] | None = None) -> int:
             f"{sorted(p.parent.name for p in (root / 'papermill_runs').glob('*/params.yaml'))}"
         )
     spec = yaml.safe_load(spec_path.read_text()) or {}
-    unknown = set(spec) - {"common"} - set(NOTEBOOKS)
+    unknown = set(spec) - {"common", "notebooks"} - set(NOTEBOOKS)
     if unknown:
         raise ConfigError(f"{spec_path}: no notebooks named {sorted(unknown)}")
+    only = only or spec.get("notebooks")
     timings = {}
     for nb in series_notebooks(root):
         name = nb.stem
