@@ -254,10 +254,15 @@ def tokenizer_training_data(cfg, split: str = "train", progress: bool = True):
     if order == 0:
         images, labels = materialize(ds, progress)
         return images, None, labels
+    from accelerate import PartialState
+
     from cartlib.decompose.cache import DecomposedDataset
 
     d = cfg.decompose
-    dds = DecomposedDataset(ds, order=order, alpha=d.alpha, lam=d.lam, eps=d.eps, progress=progress)
+    with PartialState().main_process_first():  # under a launcher: decomposed once, then loaded
+        dds = DecomposedDataset(
+            ds, order=order, alpha=d.alpha, lam=d.lam, eps=d.eps, progress=progress
+        )
     return materialize(dds, progress)
 
 

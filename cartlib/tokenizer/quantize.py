@@ -155,6 +155,7 @@ class ScheduleQuantizer(nn.Module):
             )
         tokens, losses, step_mse = [], [], []
         f_hat_base = None
+        self._recent = None  # restart candidates come from this batch only: exact resume
         for m, step in enumerate(self.schedule):
             t = step.factor  # 0 for base steps
             key = 0 if self.carry else t
@@ -224,7 +225,7 @@ class ScheduleQuantizer(nn.Module):
 
     @torch.no_grad()
     def _remember(self, z_in: torch.Tensor, keep: int = 1024) -> None:
-        """Keep a random sample of recent quantizer inputs: candidates for dead-code restarts."""
+        """Keep a random sample of this batch's quantizer inputs: dead-code restart candidates."""
         vecs = z_in.detach().permute(0, 2, 3, 1).reshape(-1, z_in.shape[1])
         vecs = vecs[torch.randperm(len(vecs), device=vecs.device)[:keep]]
         old = getattr(self, "_recent", None)
@@ -232,7 +233,7 @@ class ScheduleQuantizer(nn.Module):
 
     @torch.no_grad()
     def restart_dead_codes(self, feats: torch.Tensor | None = None) -> int:
-        """Replace codes unused since the last call by random recent quantizer inputs (or
+        """Replace codes unused since the last call by random inputs of the last batch (or
         ``feats`` (N,C)); reset the usage counts; return how many codes were restarted."""
         feats = getattr(self, "_recent", None) if feats is None else feats
         dead = (self.usage == 0).nonzero().flatten()
