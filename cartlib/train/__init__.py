@@ -1,0 +1,44 @@
+"""Training on accelerate: one loop (``loop``) for the tokenizer (``tokenizer``) and the
+next-detail transformer (``ar``). ``from cartlib import train`` gives all of them."""
+
+from cartlib.train.ar import ar_dir, ar_loss, extract_tokens, load_ar, train_ar
+from cartlib.train.loop import (
+    CKPT_NAME,
+    StepBatches,
+    build_optimizer,
+    load_checkpoint,
+    lr_lambda,
+    make_accelerator,
+    rng_state,
+    run_loop,
+    set_rng_state,
+)
+from cartlib.train.tokenizer import (
+    load_tokenizer,
+    materialize,
+    tokenizer_dir,
+    tokenizer_training_data,
+    train_tokenizer,
+)
+
+__all__ = [
+    "CKPT_NAME",
+    "StepBatches",
+    "ar_dir",
+    "ar_loss",
+    "build_optimizer",
+    "extract_tokens",
+    "load_ar",
+    "load_checkpoint",
+    "load_tokenizer",
+    "lr_lambda",
+    "make_accelerator",
+    "materialize",
+    "rng_state",
+    "run_loop",
+    "set_rng_state",
+    "tokenizer_dir",
+    "tokenizer_training_data",
+    "train_ar",
+    "train_tokenizer",
+]

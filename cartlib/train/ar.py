@@ -1,0 +1,153 @@
+"""Next-detail transformer training (notebook 04): token extraction, the loss, the loop, loading."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from cartlib.train.loop import (
+    CKPT_NAME,
+    StepBatches,
+    build_optimizer,
+    load_checkpoint,
+    lr_lambda,
+    make_accelerator,
+    run_loop,
+)
+
+
+# ------------------------------------------------------------------------------- next-detail AR
+@torch.no_grad()
+def extract_tokens(tokenizer, images, bases=None, batch_size: int = 256, progress=True):
+    """Alg. 1 over a whole (in-memory) dataset. -> list of M int16 tensors (N, h_k, w_k)."""
+    from tqdm.auto import tqdm
+
+    device = next(tokenizer.parameters()).device
+    cols: list[list[torch.Tensor]] = [[] for _ in tokenizer.schedule]
+    for i in tqdm(range(0, len(images), batch_size), desc="tokenizing", disable=not progress):
+        x = images[i : i + batch_size].float().to(device)
+        b = bases[i : i + batch_size].float().to(device) if bases is not None else None
+        for col, r in zip(cols, tokenizer.encode(x, b)):
+            col.append(
+                r.to(
+                    torch.int16 if tokenizer.quantizer.codebook_size < 2**15 else torch.int32
+                ).cpu()
+            )
+    return [torch.cat(c) for c in cols]
+
+
+def ar_loss(logits: torch.Tensor, targets: torch.Tensor, level_ids: torch.Tensor, n_steps: int):
+    """Cross-entropy over all token maps, plus per-step loss and accuracy (for the logs).
+    logits (B,L,V), targets (B,L) -> (loss, per-step loss (M,), per-step acc (M,))"""
+    ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
+    hit = (logits.argmax(-1) == targets).float()
+    count = torch.bincount(level_ids, minlength=n_steps).float() * len(targets)
+    per_loss = torch.zeros(n_steps, device=ce.device).index_add_(0, level_ids, ce.sum(0)) / count
+    per_acc = torch.zeros(n_steps, device=ce.device).index_add_(0, level_ids, hit.sum(0)) / count
+    return ce.mean(), per_loss.detach(), per_acc.detach()
+
+
+def ar_dir(run_dir: str | Path, cfg) -> Path:
+    """``ar-d<depth>-<quantizer>-o<order>-<hash>``: keyed by everything the transformer sees."""
+    from cartlib.runs import config_hash, tokenizer_sections
+
+    t = cfg.tokenizer
+    order = cfg.decompose.order if t.quantizer == "base_detail" else 0
+    h = config_hash(cfg, (*tokenizer_sections(cfg), "ar"))
+    return Path(run_dir) / f"ar-d{cfg.ar.depth}-{t.quantizer}-o{order}-{h}"
+
+
+def train_ar(
+    cfg,
+    run_dir,
+    tokenizer,
+    tokens,
+    labels,
+    num_classes: int,
+    progress=True,
+    stop_after: int | None = None,
+):
+    """Train the next-detail transformer on pre-extracted ``tokens`` (list of (N,h_k,w_k)) and
+    ``labels`` (N,). AdamW (0.9, 0.95), lr = ar.lr x batch / 256 (VAR's scaling), warm-up then
+    cosine decay, gradient clipping, label dropout for classifier-free guidance."""
+    from cartlib.config import save_config
+    from cartlib.model import build_model
+
+    a = cfg.ar
+    out_dir = ar_dir(run_dir, cfg)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out_dir / "config.yaml")
+    (out_dir / "num_classes.txt").write_text(str(num_classes))
+    torch.manual_seed(a.seed)
+    acc = make_accelerator(cfg.mixed_precision)
+    tokenizer = tokenizer.to(acc.device).eval().requires_grad_(False)
+    sched = tokenizer.schedule
+    model = build_model(cfg, sched, num_classes)
+    lr = a.lr * a.batch_size / 256
+    opt = build_optimizer(model.parameters(), lr, a.weight_decay)
+    lrs = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(a.warmup, a.steps))
+    model, opt = acc.prepare(model, opt)
+    core = acc.unwrap_model(model)
+    flat = torch.cat([t.flatten(1) for t in tokens], 1)  # (N, L)
+
+    def fetch(idx):
+        return flat[idx].long().to(acc.device), labels[idx].to(acc.device)
+
+    batches = StepBatches(
+        len(flat), a.batch_size, a.seed, fetch, acc.process_index, acc.num_processes
+    )
+
+    def step_fn(step: int) -> dict[str, float]:
+        x, y = batches(step)
+        maps = [x[:, sched.step_slice(m)].view(-1, s.h, s.w) for m, s in enumerate(sched)]
+        with torch.no_grad():
+            inputs = tokenizer.quantizer.teacher_inputs(maps)
+        drop = torch.rand(len(y), device=y.device) < a.cond_drop
+        y = torch.where(drop, torch.full_like(y, num_classes), y)
+        model.train()
+        with acc.autocast():
+            logits = model(y, inputs)
+        loss, per_loss, per_acc = ar_loss(logits, x, core.level_ids, sched.n_steps)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(loss)
+        gnorm = acc.clip_grad_norm_(model.parameters(), a.grad_clip)
+        opt.step()
+        lrs.step()
+        logs = {"loss": loss.item(), "acc": float(per_acc.mean()), "grad_norm": float(gnorm)}
+        logs.update({f"loss_{m}": float(v) for m, v in enumerate(per_loss)})
+        logs.update({f"acc_{m}": float(v) for m, v in enumerate(per_acc)})
+        return logs
+
+    history = run_loop(
+        accelerator=acc,
+        modules={"model": model},
+        optimizers={"opt": opt},
+        schedulers={"sched": lrs},
+        step_fn=step_fn,
+        total_steps=a.steps,
+        ckpt_dir=out_dir,
+        ckpt_every=a.ckpt_every,
+        stop_after=stop_after,
+        progress=progress,
+        desc=f"next-detail AR d{a.depth}",
+    )
+    return core.eval(), history
+
+
+def load_ar(path: str | Path, tokenizer):
+    """A trained transformer from its folder (config.yaml + last.pt), in eval mode."""
+    from cartlib.config import load_config
+    from cartlib.model import build_model
+
+    path = Path(path)
+    for need in ("config.yaml", CKPT_NAME, "num_classes.txt"):
+        if not (path / need).exists():
+            raise FileNotFoundError(
+                f"{path / need} is missing: train the transformer first (notebook 04, or "
+                "cartlib.runs.ensure_ar(cfg, run_dir))"
+            )
+    cfg = load_config(path / "config.yaml")
+    model = build_model(cfg, tokenizer.schedule, int((path / "num_classes.txt").read_text()))
+    model.load_state_dict(load_checkpoint(path / CKPT_NAME)["modules"]["model"])
+    return model.eval()

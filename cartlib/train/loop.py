@@ -1,0 +1,225 @@
+"""The training loop shared by the tokenizer and the next-detail transformer, on accelerate.
+
+One loop (:func:`run_loop`) serves both: in-process on a CPU for smoke runs, and unchanged under
+``accelerate launch -m cartlib train-ar ...`` on GPUs. It gives
+
+* exact resume: the batch of step s is a pure function of (seed, s) (:class:`StepBatches`) and
+  the checkpoint holds model, optimizer, scheduler and RNG states, so a run killed after step s and
+  resumed computes the same step s+1 as one that never stopped;
+* atomic checkpoints (``last.pt`` written through a temp file and a rename) every ``ckpt_every``
+  steps and at the end;
+* a clear error on a non-finite loss that names the step and the last good checkpoint;
+* loss curves in ``<dir>/history.json`` and a tqdm progress bar (``progress=False`` in tests).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from cartlib.runs import atomic_torch_save, atomic_write_bytes
+
+CKPT_NAME = "last.pt"
+
+
+# ------------------------------------------------------------------------------------- accelerate
+def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None):
+    """An ``accelerate.Accelerator``; in-process (no launcher) its global state is reset first so
+    a notebook can train several models with different precision settings."""
+    import os
+
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
+
+    if mixed_precision not in ("no", "bf16", "fp16"):
+        raise ValueError(f"mixed_precision={mixed_precision!r}: choose 'no', 'bf16' or 'fp16'")
+    if cpu is None:
+        cpu = not torch.cuda.is_available()
+    if "LOCAL_RANK" not in os.environ and "ACCELERATE_MIXED_PRECISION" not in os.environ:
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+    if cpu and mixed_precision == "fp16":
+        raise ValueError("mixed_precision='fp16' needs a GPU; use 'bf16' on CPUs")
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+
+
+# ------------------------------------------------------------------------------------------ data
+class StepBatches:
+    """Deterministic batches: step s takes items ``perm_e[i:i+B]`` of the epoch-e permutation, all
+    derived from ``seed`` — so any step's batch is known without replaying the ones before it.
+
+    ``fetch(indices)`` returns a batch (a tuple of tensors). Under several processes each takes its
+    own slice of the global batch."""
+
+    def __init__(self, n_items: int, batch_size: int, seed: int, fetch, rank=0, world=1):
+        if n_items < batch_size:
+            raise ValueError(
+                f"batch_size={batch_size} is larger than the {n_items} training items; "
+                "lower batch_size or use more data (data.train_limit)"
+            )
+        self.n, self.bs, self.seed, self.fetch = n_items, batch_size, seed, fetch
+        self.rank, self.world = rank, world
+        self._perm_epoch, self._perm = -1, None
+
+    def indices(self, step: int) -> torch.Tensor:
+        per_epoch = self.n // self.bs
+        epoch, i = divmod(step, per_epoch)
+        if epoch != self._perm_epoch:
+            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
+            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
+        idx = self._perm[i * self.bs : (i + 1) * self.bs]
+        return idx[self.rank :: self.world]
+
+    def __call__(self, step: int):
+        return self.fetch(self.indices(step))
+
+
+# ------------------------------------------------------------------------------------ checkpoints
+def rng_state() -> dict[str, Any]:
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def load_checkpoint(path: str | Path) -> dict[str, Any]:
+    """torch.load with a clear error for a truncated or foreign file (nothing is overwritten)."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=False)
+    except Exception as e:  # truncated zip, pickle garbage, ...
+        raise RuntimeError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is incomplete or not "
+            "a cartlib checkpoint. Move it away to start this stage afresh, or restore a copy"
+        ) from e
+
+
+# ------------------------------------------------------------------------------------------ loop
+def lr_lambda(warmup: int, total: int, final: float = 0.1) -> Callable[[int], float]:
+    """Linear warm-up, then cosine decay to ``final`` x the base learning rate."""
+
+    def f(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        t = (step - warmup) / max(1, total - warmup)
+        return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
+
+    return f
+
+
+def run_loop(
+    *,
+    accelerator,
+    modules: dict[str, nn.Module],
+    optimizers: dict[str, torch.optim.Optimizer],
+    schedulers: dict[str, Any],
+    step_fn: Callable[[int], dict[str, float]],
+    total_steps: int,
+    ckpt_dir: str | Path,
+    ckpt_every: int,
+    extra_state: Callable[[], dict[str, Any]] | None = None,
+    stop_after: int | None = None,
+    progress: bool = True,
+    desc: str = "train",
+) -> list[dict[str, float]]:
+    """Run ``step_fn(step)`` for steps [resume point, total_steps); return the loss history.
+
+    ``stop_after`` ends the loop early after that many steps (checkpointing first): used to
+    simulate a kill in tests and to train in slices from a notebook."""
+    from tqdm.auto import tqdm
+
+    ckpt_dir = Path(ckpt_dir)
+    path = ckpt_dir / CKPT_NAME
+    start, history = 0, []
+    if path.exists():
+        state = load_checkpoint(path)
+        for name, mod in modules.items():
+            accelerator.unwrap_model(mod).load_state_dict(state["modules"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
+        for name, sch in schedulers.items():
+            sch.load_state_dict(state["schedulers"][name])
+        set_rng_state(state["rng"])
+        start, history = state["step"], state["history"]
+    end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+
+    def save(step: int) -> None:
+        if not accelerator.is_main_process:
+            return
+        atomic_torch_save(
+            {
+                "step": step,
+                "modules": {
+                    n: accelerator.unwrap_model(m).state_dict() for n, m in modules.items()
+                },
+                "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
+                "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
+                "rng": rng_state(),
+                "history": history,
+                **(extra_state() if extra_state else {}),
+            },
+            path,
+        )
+        atomic_write_bytes(ckpt_dir / "history.json", json.dumps(history).encode())
+
+    bar = tqdm(
+        range(start, end),
+        desc=desc,
+        disable=not progress or not accelerator.is_main_process,
+        initial=start,
+        total=total_steps,
+    )
+    for step in bar:
+        logs = step_fn(step)
+        bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
+        if bad:
+            last = (
+                f"the last good checkpoint (step {start}) is {path}"
+                if path.exists()
+                else ("no checkpoint was written yet")
+            )
+            raise FloatingPointError(
+                f"{desc}: non-finite loss at step {step}: {bad}; {last}. Lower the learning "
+                "rate, set mixed_precision='no', or check the input data for NaNs"
+            )
+        history.append({"step": step, **logs})
+        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "rec", "acc")})
+        if (step + 1) % ckpt_every == 0 or step + 1 == end:
+            save(step + 1)
+            start = step + 1
+    if end == start and not path.exists():
+        save(end)
+    return history
+
+
+def build_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95)):
+    """AdamW without weight decay on biases, norms, embeddings and gains (1-D params)."""
+    decay, no_decay = [], []
+    for p in params:
+        if p.requires_grad:
+            (decay if p.ndim >= 2 else no_decay).append(p)
+    groups = [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=lr, betas=betas)
