@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 
 from cartlib.train.loop import (
-    CKPT_NAME,
     StepBatches,
     build_optimizer,
-    load_checkpoint,
+    load_stage,
     lr_lambda,
     make_accelerator,
     run_loop,
@@ -137,17 +136,10 @@ def train_ar(
 
 def load_ar(path: str | Path, tokenizer):
     """A trained transformer from its folder (config.yaml + last.pt), in eval mode."""
-    from cartlib.config import load_config
     from cartlib.model import build_model
 
-    path = Path(path)
-    for need in ("config.yaml", CKPT_NAME, "num_classes.txt"):
-        if not (path / need).exists():
-            raise FileNotFoundError(
-                f"{path / need} is missing: train the transformer first (notebook 04, or "
-                "cartlib.runs.ensure_ar(cfg, run_dir))"
-            )
-    cfg = load_config(path / "config.yaml")
-    model = build_model(cfg, tokenizer.schedule, int((path / "num_classes.txt").read_text()))
-    model.load_state_dict(load_checkpoint(path / CKPT_NAME)["modules"]["model"])
+    how = "notebook 04, or cartlib.runs.ensure_ar(cfg, run_dir)"
+    cfg, state = load_stage(path, "model", how, extra=("num_classes.txt",))
+    model = build_model(cfg, tokenizer.schedule, int((Path(path) / "num_classes.txt").read_text()))
+    model.load_state_dict(state)
     return model.eval()

@@ -223,3 +223,15 @@ def build_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95)):
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=lr, betas=betas)
+
+
+def load_stage(path: str | Path, module: str, how: str, extra: tuple[str, ...] = ()):
+    """(config, state dict of ``module``) of a finished stage folder; a missing file is an error
+    that says how to produce it (``how``)."""
+    from cartlib.config import load_config
+
+    path = Path(path)
+    for need in ("config.yaml", CKPT_NAME, *extra):
+        if not (path / need).exists():
+            raise FileNotFoundError(f"{path / need} is missing: train it first ({how})")
+    return load_config(path / "config.yaml"), load_checkpoint(path / CKPT_NAME)["modules"][module]

@@ -7,10 +7,9 @@ from pathlib import Path
 import torch
 
 from cartlib.train.loop import (
-    CKPT_NAME,
     StepBatches,
     build_optimizer,
-    load_checkpoint,
+    load_stage,
     lr_lambda,
     make_accelerator,
     run_loop,
@@ -167,17 +166,10 @@ def train_tokenizer(
 
 def load_tokenizer(path: str | Path):
     """A trained Tokenizer from its folder (config.yaml + last.pt), in eval mode."""
-    from cartlib.config import load_config
     from cartlib.tokenizer import Tokenizer
 
-    path = Path(path)
-    for need in ("config.yaml", CKPT_NAME):
-        if not (path / need).exists():
-            raise FileNotFoundError(
-                f"{path / need} is missing: train the tokenizer first (notebook 02, or "
-                "cartlib.runs.ensure_tokenizer(cfg, run_dir))"
-            )
-    cfg = load_config(path / "config.yaml")
+    how = "notebook 02, or cartlib.runs.ensure_tokenizer(cfg, run_dir)"
+    cfg, state = load_stage(path, "tokenizer", how)
     tok = Tokenizer(cfg.tokenizer, cfg.decompose, cfg.data.resolution)
-    tok.load_state_dict(load_checkpoint(path / CKPT_NAME)["modules"]["tokenizer"])
+    tok.load_state_dict(state)
     return tok.eval()
