@@ -74,3 +74,21 @@ def test_every_notebook_mapping_names_its_own_parameters_and_real_settings():
             for part in target.split("."):
                 assert hasattr(obj, part), (name, target)
                 obj = getattr(obj, part)
+
+
+def test_series_passes_every_params_yaml_entry_to_a_declared_parameter():
+    """Each named run's params.yaml only names parameters the notebooks declare."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from cartlib.config import NOTEBOOKS
+
+    root = Path(__file__).resolve().parents[1] / "papermill_runs"
+    for spec_path in root.glob("*/params.yaml"):
+        spec = yaml.safe_load(spec_path.read_text())
+        for name, (schema, _) in NOTEBOOKS.items():
+            declared = {f.name for f in dataclasses.fields(schema)}
+            params = notebook_parameters(spec, name, declared)
+            notebook_config(name, params)  # validates names and types
