@@ -49,6 +49,11 @@ class Plan:
             f"needs: {self.gpus_needed} GPU(s), ~{self.gpu_mem_gib:.0f} GiB each (estimate)",
             f"command: {self.command}",
         ]
+        if self.gpu_mem_gib > 80:
+            lines.append(
+                "note: above an 80 GB GPU at this batch per process: raise num_processes or "
+                "lower batch_size (activation checkpointing / gradient accumulation: not yet)"
+            )
         lines += [f"problem: {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -63,12 +68,14 @@ def preset_for_depth(preset: str, depth: int | None) -> str:
 
 def estimate_gpu_memory(cfg: RunConfig, n_params: int, seq_len: int) -> float:
     """Rough peak GiB per GPU: fp32 weights + grads + AdamW moments (16 B/param, sharded by
-    FSDP over the processes beyond 1B parameters) plus bf16 activations of the local batch."""
+    FSDP over the processes beyond 1B parameters) plus the activations of the local batch kept
+    for backward, ~34 bytes per token, width unit and layer in bf16 with flash attention
+    (Korthikanti et al. 2022), without activation checkpointing."""
     procs = max(1, cfg.num_processes)
     state = 16 * n_params / (procs if n_params > 1e9 else 1)
     width = cfg.ar.width or 64 * cfg.ar.depth
     local_batch = max(1, cfg.ar.batch_size // procs)
-    acts = 2 * 34 * local_batch * seq_len * width * cfg.ar.depth  # ~34 values/token/layer
+    acts = 34 * local_batch * seq_len * width * cfg.ar.depth
     return (state + acts) / 2**30
 
 

@@ -49,3 +49,13 @@ def test_parameters_cell_matches_its_schema(path):
     }
     assert values == defaults
     assert f'notebook_config("{path.stem}", globals())' in "".join(code[1]["source"])
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_papermill_sees_every_parameter(path):
+    """papermill skips parameter lines it cannot parse (e.g. '=' in a comment) and then warns
+    "Passed unknown parameter" at users; every schema field must be visible to it."""
+    import papermill as pm
+
+    schema, _ = NOTEBOOKS[path.stem]
+    assert set(pm.inspect_notebook(str(path))) == {f.name for f in dataclasses.fields(schema)}
