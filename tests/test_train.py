@@ -148,3 +148,26 @@ def test_ar_training_resumes_exactly(tmp_path):
     assert [h["step"] for h in resumed] == list(range(12))
     for a, b in zip(resumed, straight):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_progress_bar_redraws_are_rate_limited_not_per_step(tmp_path, capsys):
+    """In a notebook every redraw of the bar is an iopub message; one per step floods the kernel's
+    output thread (nbval then times out waiting for a cell's output). 300 fast steps must redraw
+    a handful of times, not 300."""
+    from cartlib.train.loop import make_accelerator, run_loop
+
+    lin = torch.nn.Linear(2, 1)
+    opt = torch.optim.SGD(lin.parameters(), lr=0.1)
+    run_loop(
+        accelerator=make_accelerator(),
+        modules={"lin": lin},
+        optimizers={"opt": opt},
+        schedulers={},
+        step_fn=lambda step: {"loss": 1.0 / (step + 1)},
+        total_steps=300,
+        ckpt_dir=tmp_path,
+        ckpt_every=1000,
+        progress=True,
+    )
+    redraws = capsys.readouterr().err.count("\r")
+    assert 1 <= redraws <= 20, redraws

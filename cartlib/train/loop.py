@@ -188,6 +188,7 @@ def run_loop(
         disable=not progress or not accelerator.is_main_process,
         initial=start,
         total=total_steps,
+        mininterval=1.0,  # a notebook widget update is an iopub message: keep them few (nbval)
     )
     for step in bar:
         logs = step_fn(step)
@@ -203,7 +204,9 @@ def run_loop(
                 "rate, set mixed_precision='no', or check the input data for NaNs"
             )
         history.append({"step": step, **logs})
-        bar.set_postfix({k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "rec", "acc")})
+        bar.set_postfix(
+            {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "rec", "acc")}, refresh=False
+        )
         if (step + 1) % ckpt_every == 0 or step + 1 == end:
             save(step + 1)
             start = step + 1
