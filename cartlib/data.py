@@ -389,6 +389,19 @@ def _hash(text: str) -> bytes:
     return hashlib.sha1(text.encode()).digest()
 
 
+def _class_names(root: Path, present: list[Path]) -> list[str]:
+    """Sorted class folder names of an ImageFolder tree (across its split folders, if any)."""
+    is_class = lambda d: d.is_dir() and not d.name.startswith(".")
+    return sorted({d.name for t in present or [root] for d in t.iterdir() if is_class(d)})
+
+
+def imagefolder_num_classes(root: str | os.PathLike) -> int:
+    """Number of classes of an ImageFolder tree from its folder names alone (no image is read)."""
+    root = Path(root).expanduser()
+    present = [root / s for s in ("train", "val", "test") if (root / s).is_dir()]
+    return max(1, len(_class_names(root, present)))
+
+
 def _list_images(root: Path, split: str) -> tuple[list[tuple[Path, str]], list[str]]:
     """(path, class) of the split's images in hash order, and the sorted class names."""
     splits = {"train": ("train",), "test": ("val", "test")}
@@ -399,9 +412,7 @@ def _list_images(root: Path, split: str) -> tuple[list[tuple[Path, str]], list[s
             f"{root} has {', '.join(p.name for p in present)}/ but no folder for "
             f"split={split!r} (looked for {', '.join(splits[split])}/)"
         )
-    tops = present or [root]
-    is_class = lambda d: d.is_dir() and not d.name.startswith(".")
-    classes = sorted({d.name for t in tops for d in t.iterdir() if is_class(d)})
+    classes = _class_names(root, present)
     items = []
     for d, _, names in os.walk(folder or root, followlinks=True):
         parts = Path(d).relative_to(folder or root).parts

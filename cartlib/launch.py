@@ -103,10 +103,15 @@ def command_for(config_path: Path | str, run_dir: Path | str, cfg: RunConfig, st
 
 
 def _num_classes(cfg: RunConfig) -> int:
-    """The dataset's class count when it can be read here, else ImageNet's 1000."""
-    from cartlib.data import load_dataset_from_config
+    """The dataset's class count when it can be read here, else ImageNet's 1000. An image folder
+    is counted by its class folders: planning must not open every validation image."""
+    import os
+
+    from cartlib.data import imagefolder_num_classes, load_dataset_from_config
 
     try:
+        if cfg.data.dataset == "imagefolder":
+            return imagefolder_num_classes(cfg.data.root or os.environ["CART_DATA_DIR"])
         return load_dataset_from_config(cfg.data, "test", progress=False).num_classes
     except Exception:  # not on this machine: planning must still work
         return 1000
