@@ -5,6 +5,11 @@ from __future__ import annotations
 import argparse
 import sys
 
+from cartlib import runs
+from cartlib.config import load_config
+from cartlib.data import check_dataset
+from cartlib.series import run_series
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cartlib", description=__doc__)
@@ -21,17 +26,10 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     if args.command == "check-data":
-        from cartlib.data import check_dataset
-
         return check_dataset(args.name)
     if args.command == "run-series":
-        from cartlib.series import run_series
-
         return run_series(args.preset, only=args.only)
     if args.command in ("train-tokenizer", "train-ar"):
-        from cartlib import runs
-        from cartlib.config import load_config
-
         cfg = load_config(args.config)
         if args.command == "train-tokenizer":
             runs.ensure_tokenizer(cfg, args.run_dir)

@@ -1,4 +1,4 @@
-"""Configuration: dataclass sections, named presets, and the notebook-parameter validator.
+"""Configuration: dataclass sections, named presets, type checking, and the values they imply.
 
 A run is described by one :class:`RunConfig` made of sections (``data``, ``decompose``,
 ``tokenizer``, ``ar``). The dataclass defaults are the *smoke* scale; a preset
@@ -7,15 +7,19 @@ another preset (``base: tiny``). Every override is type-checked against the defa
 and unknown names are refused with the closest valid name, so a typo never silently becomes a
 smoke run.
 
-Notebooks take their parameters as plain assignments in the cell tagged ``parameters``. The next
-cell calls :func:`notebook_params`, which collects those names from the kernel namespace and checks
-them against the notebook's schema (papermill itself only warns about unknown names).
+The config owns what follows from it: :attr:`RunConfig.order` (the decomposition order the
+tokenizer uses), :meth:`RunConfig.schedule`, :attr:`ARConfig.model_width`, and the variants the
+ablation needs (:meth:`RunConfig.with_order`, :meth:`RunConfig.var_baseline`). An inconsistent
+quantizer/order pair is refused when the config is built. Notebook parameters are in
+:mod:`cartlib.params`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
+import json
 import types
 import typing
 from dataclasses import dataclass, field
@@ -23,6 +27,8 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+
+from cartlib.schedule import TokenSchedule
 
 PRESET_DIR = Path(__file__).parent / "presets"
 
@@ -94,6 +100,16 @@ class ARConfig:
     ckpt_every: int = 100
     seed: int = 0
 
+    @property
+    def model_width(self) -> int:
+        """The transformer's width: ``width``, or VAR's rule 64 * depth."""
+        return self.width or 64 * self.depth
+
+    @property
+    def model_heads(self) -> int:
+        """The attention heads: ``heads``, or VAR's rule heads = depth."""
+        return self.heads or self.depth
+
 
 @dataclass
 class RunConfig:
@@ -105,8 +121,88 @@ class RunConfig:
     mixed_precision: str = "no"  # no | bf16 | fp16  (bf16 pays on CPUs with avx512_bf16 too)
     num_processes: int = 1
 
+    def __post_init__(self) -> None:
+        check_quantizer_order(self.tokenizer, self.decompose)
+
+    # ------------------------------------------------------------------ derived values
+    @property
+    def order(self) -> int:
+        """The decomposition order n the tokenizer uses (0 = VAR's multi-scale, no details)."""
+        return decomposition_order(self.tokenizer, self.decompose)
+
+    def schedule(self) -> TokenSchedule:
+        """The token schedule of this run (base scales, then the detail steps)."""
+        return TokenSchedule.from_config(self.tokenizer, self.order)
+
+    def with_order(self, order: int) -> RunConfig:
+        """The same run at decomposition order ``order``: base-detail for n >= 1, VAR's
+        multi-scale quantizer for n = 0 (the ablation's variants, notebook 06)."""
+        quantizer = "base_detail" if order > 0 else "multiscale"
+        return dataclasses.replace(
+            self,
+            decompose=dataclasses.replace(self.decompose, order=order),
+            tokenizer=dataclasses.replace(self.tokenizer, quantizer=quantizer),
+        )
+
+    def with_quantizer(self, quantizer: str) -> RunConfig:
+        """The same run with another quantizer; vanilla and multi-scale take order 0, base-detail
+        keeps this config's order (or 3 when it had none)."""
+        order = (self.decompose.order or 3) if quantizer == "base_detail" else 0
+        return dataclasses.replace(
+            self,
+            decompose=dataclasses.replace(self.decompose, order=order),
+            tokenizer=dataclasses.replace(self.tokenizer, quantizer=quantizer),
+        )
+
+    def with_flat_base(self) -> RunConfig:
+        """Paper Table 4's "flat" variant: every base step quantized at the full latent size
+        (residual VQ), as many base steps as before, details unchanged."""
+        t = self.tokenizer
+        full = (t.base_patch_nums[-1],) * len(t.base_patch_nums)
+        return self.updated(tokenizer={"base_patch_nums": full})
+
+    def updated(self, **sections: Any) -> RunConfig:
+        """A type-checked copy with nested overrides, e.g. ``cfg.updated(ar={"depth": 4})``."""
+        return apply_overrides(self, sections)
+
+    def var_baseline(self) -> RunConfig:
+        """This run's VAR baseline: the same everything at order 0 (multi-scale quantizer)."""
+        return self.with_order(0)
+
+    def tokenizer_sections(self) -> tuple[str, ...]:
+        """The config sections a trained tokenizer depends on."""
+        return ("data", "decompose", "tokenizer") if self.order > 0 else ("data", "tokenizer")
+
+    def digest(self, sections: tuple[str, ...]) -> str:
+        """A short stable hash of the named sections (what an artifact depends on)."""
+        d = self.to_dict()
+        blob = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
+        return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+
+def decomposition_order(tokenizer: TokenizerConfig, decompose: DecomposeConfig) -> int:
+    """The one rule: only the base-detail quantizer decomposes; the others work at order 0."""
+    return decompose.order if tokenizer.quantizer == "base_detail" else 0
+
+
+def check_quantizer_order(tokenizer: TokenizerConfig, decompose: DecomposeConfig) -> None:
+    """Refuse a quantizer/order pair that would silently mean something else."""
+    q, n = tokenizer.quantizer, decompose.order
+    if q == "base_detail" and n == 0:
+        raise ConfigError(
+            "quantizer='base_detail' with decompose.order=0 has no details: it is VAR's "
+            "multi-scale tokenizer. Set quantizer='multiscale' (papermill: -p quantizer "
+            "multiscale), or an order >= 1 (-p order 3)"
+        )
+    if q in ("vanilla", "multiscale") and n != 0:
+        raise ConfigError(
+            f"quantizer={q!r} does not decompose images, but decompose.order={n}: set "
+            f"decompose.order=0 (papermill: -p order 0), or quantizer='base_detail' to use "
+            f"order {n} (cfg.with_order(n) / cfg.with_quantizer(q) change both together)"
+        )
 
 
 SECTIONS = ("data", "decompose", "tokenizer", "ar")
@@ -232,219 +328,3 @@ def _plain(obj: Any) -> Any:
     if isinstance(obj, (list, tuple)):
         return [_plain(v) for v in obj]
     return obj
-
-
-# ----------------------------------------------------------------------------- notebook parameters
-_IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
-
-
-def _namespace_params(namespace: dict[str, Any]) -> dict[str, Any]:
-    """The plain values a parameters cell (and papermill's injected cell) put in the namespace."""
-    out = {}
-    for name, value in namespace.items():
-        if name.startswith("_") or name in _IPYTHON_NAMES:
-            continue
-        if isinstance(value, (types.ModuleType, types.FunctionType, type)) or callable(value):
-            continue
-        out[name] = value
-    return out
-
-
-def validate_params(schema: type, namespace: dict[str, Any]) -> Any:
-    """Check a notebook's parameters against ``schema`` (a dataclass) and return an instance.
-
-    Unknown names (a typo, or a parameter of another notebook) and wrong types raise a
-    :class:`ConfigError` naming the value and the fix; papermill alone would only warn.
-    """
-    given = _namespace_params(namespace)
-    hints = typing.get_type_hints(schema)
-    names = {f.name for f in dataclasses.fields(schema)}
-    values = {}
-    for key, value in given.items():
-        if key not in names:
-            raise _unknown(f"parameter of this notebook ({schema.__name__})", key, names)
-        values[key] = _check_value(key, value, hints[key])
-    return schema(**values)
-
-
-def run_config_from_params(params: Any, mapping: dict[str, str]) -> RunConfig:
-    """Preset ``params.preset`` with every non-None notebook parameter named in ``mapping``
-    (parameter name -> ``section.field``) applied on top."""
-    overrides: dict[str, Any] = {}
-    for pname, target in mapping.items():
-        value = getattr(params, pname)
-        if value is None:
-            continue
-        node = overrides
-        *path, last = target.split(".")
-        for part in path:
-            node = node.setdefault(part, {})
-        node[last] = value
-    return load_preset(params.preset, **overrides)
-
-
-# ---------------------------------------------------------------- notebook parameter schemas
-# One dataclass per notebook: field names and defaults equal the notebook's `parameters` cell
-# (tests/test_notebooks.py checks it). ``None`` means "the preset's value". NOTEBOOKS maps each
-# override to the RunConfig setting it replaces.
-@dataclass
-class DecompositionParams:  # 01_mumford_shah_decomposition
-    preset: str = "smoke"
-    dataset: str | None = None
-    resolution: int | None = None
-    order: int | None = None
-    alpha: float | None = None
-    lam: float | None = None
-    eps: float | None = None
-    n_images: int = 4
-    run_dir: str = "papermill_runs/smoke"
-    seed: int = 0
-    progress: bool = True
-
-
-@dataclass
-class TokenizerParams:  # 02_train_tokenizer
-    preset: str = "smoke"
-    quantizer: str | None = None
-    order: int | None = None
-    codebook_size: int | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    beta: float | None = None
-    w_lpips: float | None = None
-    w_gan: float | None = None
-    gan_start: int | None = None
-    w_base: float | None = None
-    mixed_precision: str | None = None
-    dataset: str | None = None
-    resolution: int | None = None
-    compare_base_loss: bool = True
-    n_show: int = 8
-    run_dir: str = "papermill_runs/smoke"
-    progress: bool = True
-
-
-@dataclass
-class TokenizationParams:  # 03_tokenization
-    preset: str = "smoke"
-    order: int | None = None
-    steps: int | None = None
-    n_eval: int = 256
-    n_show: int = 4
-    run_dir: str = "papermill_runs/smoke"
-    progress: bool = True
-
-
-@dataclass
-class TrainARParams:  # 04_train_ar
-    preset: str = "smoke"
-    depth: int | None = None
-    dataset: str | None = None
-    resolution: int | None = None
-    order: int | None = None
-    steps: int | None = None
-    batch_size: int | None = None
-    lr: float | None = None
-    num_processes: int | None = None
-    mixed_precision: str | None = None
-    data_root: str | None = None
-    run_dir: str = "papermill_runs/smoke"
-    progress: bool = True
-
-
-@dataclass
-class SamplingParams:  # 05_sampling
-    preset: str = "smoke"
-    guidance: float = 2.0
-    cfg_schedule: str = "linear"
-    top_k: int = 0
-    top_p: float = 1.0
-    temperature: float = 1.0
-    n_per_class: int = 4
-    seed: int = 42
-    sweep: bool = True
-    run_dir: str = "papermill_runs/smoke"
-    progress: bool = True
-
-
-@dataclass
-class AblationParams:  # 06_ablation_decomposition_order
-    preset: str = "smoke"
-    orders: list[int] = field(default_factory=lambda: [0, 3])
-    flat_base: bool = False
-    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
-    n_samples: int = 50
-    n_reference: int = 200
-    guidance: float = 2.0
-    tokenizer_steps: int | None = None
-    ar_steps: int | None = None
-    run_dir: str = "papermill_runs/smoke"
-    progress: bool = True
-
-
-@dataclass
-class AttentionParams:  # 07_attention_maps
-    preset: str = "smoke"
-    layer: int = -1
-    label: int = 0
-    seed: int = 42
-    run_dir: str = "papermill_runs/smoke"
-    progress: bool = True
-
-
-_DATA_MAP = {"dataset": "data.dataset", "resolution": "data.resolution"}
-_TOK_MAP = {
-    k: f"tokenizer.{k}"
-    for k in (
-        "quantizer",
-        "codebook_size",
-        "steps",
-        "batch_size",
-        "lr",
-        "beta",
-        "w_lpips",
-        "w_gan",
-        "gan_start",
-        "w_base",
-    )
-}
-_AR_MAP = {k: f"ar.{k}" for k in ("depth", "steps", "batch_size", "lr")}
-_RUN_MAP = {"mixed_precision": "mixed_precision", "num_processes": "num_processes"}
-_DECOMP_MAP = {k: f"decompose.{k}" for k in ("order", "alpha", "lam", "eps")}
-
-NOTEBOOKS: dict[str, tuple[type, dict[str, str]]] = {
-    "01_mumford_shah_decomposition": (DecompositionParams, {**_DATA_MAP, **_DECOMP_MAP}),
-    "02_train_tokenizer": (
-        TokenizerParams,
-        {**_DATA_MAP, **_TOK_MAP, "order": "decompose.order", "mixed_precision": "mixed_precision"},
-    ),
-    "03_tokenization": (
-        TokenizationParams,
-        {"order": "decompose.order", "steps": "tokenizer.steps"},
-    ),
-    "04_train_ar": (
-        TrainARParams,
-        {**_DATA_MAP, **_AR_MAP, "order": "decompose.order", "data_root": "data.root", **_RUN_MAP},
-    ),
-    "05_sampling": (SamplingParams, {}),
-    "06_ablation_decomposition_order": (
-        AblationParams,
-        {"tokenizer_steps": "tokenizer.steps", "ar_steps": "ar.steps"},
-    ),
-    "07_attention_maps": (AttentionParams, {}),
-}
-
-
-def notebook_config(notebook: str, namespace: dict[str, Any]) -> tuple[Any, RunConfig]:
-    """Validate the parameters a notebook's kernel holds and build its RunConfig.
-
-    Call it in the cell right after the ``parameters`` cell::
-
-        params, cfg = config.notebook_config("01_mumford_shah_decomposition", globals())
-    """
-    if notebook not in NOTEBOOKS:
-        raise _unknown("notebook", notebook, NOTEBOOKS)
-    schema, mapping = NOTEBOOKS[notebook]
-    params = validate_params(schema, namespace)
-    return params, run_config_from_params(params, mapping)

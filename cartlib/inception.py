@@ -37,7 +37,7 @@ from pathlib import Path
 
 import torch
 
-from cartlib.runs import atomic_torch_save, cache_dir
+from cartlib.io import atomic_torch_save, cache_dir
 
 FIDELITY_NAME = "weights-inception-2015-12-05-6726825d.pth"
 CONVERTED_NAME = "inception-2015-12-05-from-fid-helper-v1.pth"

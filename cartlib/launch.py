@@ -13,6 +13,7 @@ A notebook never forks CUDA work itself. :func:`plan_ar` looks at the config and
 
 from __future__ import annotations
 
+import os
 import shlex
 import subprocess
 import sys
@@ -22,7 +23,8 @@ from pathlib import Path
 import torch
 
 from cartlib.config import RunConfig, save_config
-from cartlib.schedule import TokenSchedule
+from cartlib.data import imagefolder_num_classes, load_dataset_from_config
+from cartlib.model import build_model
 
 # A run is "full scale" when its transformer or images are beyond what a CPU trains in minutes.
 FULL_SCALE_DEPTH = 12
@@ -73,7 +75,7 @@ def estimate_gpu_memory(cfg: RunConfig, n_params: int, seq_len: int) -> float:
     (Korthikanti et al. 2022), without activation checkpointing."""
     procs = max(1, cfg.num_processes)
     state = 16 * n_params / (procs if n_params > 1e9 else 1)
-    width = cfg.ar.width or 64 * cfg.ar.depth
+    width = cfg.ar.model_width
     local_batch = max(1, cfg.ar.batch_size // procs)
     acts = 34 * local_batch * seq_len * width * cfg.ar.depth
     return (state + acts) / 2**30
@@ -105,10 +107,6 @@ def command_for(config_path: Path | str, run_dir: Path | str, cfg: RunConfig, st
 def _num_classes(cfg: RunConfig) -> int:
     """The dataset's class count when it can be read here, else ImageNet's 1000. An image folder
     is counted by its class folders: planning must not open every validation image."""
-    import os
-
-    from cartlib.data import imagefolder_num_classes, load_dataset_from_config
-
     try:
         if cfg.data.dataset == "imagefolder":
             return imagefolder_num_classes(cfg.data.root or os.environ["CART_DATA_DIR"])
@@ -119,10 +117,7 @@ def _num_classes(cfg: RunConfig) -> int:
 
 def plan_ar(cfg: RunConfig, run_dir: str | Path) -> Plan:
     """Validate ``cfg`` completely and decide where its transformer training runs."""
-    from cartlib.model import build_model
-
-    order = cfg.decompose.order if cfg.tokenizer.quantizer == "base_detail" else 0
-    schedule = TokenSchedule.from_config(cfg.tokenizer, order)
+    schedule = cfg.schedule()
     model = build_model(cfg, schedule, _num_classes(cfg), device="meta")
     n_params = model.num_params()
     mem = estimate_gpu_memory(cfg, n_params, schedule.seq_len)

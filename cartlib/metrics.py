@@ -37,9 +37,10 @@ import torch.nn.functional as F
 from PIL import Image
 from torch.utils.data import Dataset
 
-from cartlib.data import check_images
+from cartlib.checks import check_images
+from cartlib.data import load_dataset
 from cartlib.inception import InceptionWeights, inception_weights, register_extractor
-from cartlib.runs import cache_dir
+from cartlib.io import cache_dir
 
 
 def to_uint8(x: torch.Tensor, name: str = "images") -> torch.Tensor:
@@ -141,8 +142,6 @@ class Reference:
         return f"cartlib-{self.dataset}{where}-{self.split}-{self.resolution}px-n{self.count}"
 
     def images(self) -> Dataset | torch.Tensor:
-        from cartlib.data import load_dataset
-
         ds = load_dataset(
             self.dataset, self.split, self.resolution, root=self.root, limit=self.count,
             progress=False,

@@ -29,7 +29,7 @@ from urllib.parse import urlparse
 import torch
 from torch import nn
 
-from cartlib.data import check_images
+from cartlib.checks import check_images
 
 KINDS = ("auto", "lpips", "stlpips")
 NETS = ("alex", "vgg")

@@ -113,8 +113,7 @@ def generate(
         else:
             idx = sample_tokens(logits, temperature, top_k, top_p, gen).view(b, step.h, step.w)
         tokens.append(idx)
-        term = q.step_term(idx, m)
-        f_hat = term if f_hat is None else f_hat + term
+        f_hat = q.add_term(f_hat, idx, m)
         if return_steps:
             steps.append(tokenizer.decode(f_hat))
         if m + 1 < sched.n_steps:

@@ -22,8 +22,9 @@ from pathlib import Path
 
 import yaml
 
-from cartlib.config import NOTEBOOKS, ConfigError
-from cartlib.runs import project_root, resolve_run_dir
+from cartlib.config import ConfigError
+from cartlib.io import project_root, resolve_run_dir
+from cartlib.params import NOTEBOOKS
 
 KERNEL = "cartlib"
 

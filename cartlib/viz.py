@@ -18,6 +18,8 @@ import matplotlib.pyplot as plt
 import numpy as np
 import torch
 
+from cartlib.io import resolve_run_dir
+
 _FIGURES: list = []  # figures made by this module since the last save_open_figures
 
 
@@ -155,8 +157,6 @@ def compare_figure(images: list[torch.Tensor], titles: list[str], title=None, si
 def save_open_figures(run_dir, prefix: str) -> list[Path]:
     """Save every figure made by this module (and any still-open pyplot figure) since the last
     call as ``<run_dir>/figures/<prefix>_<nn>_<title>.png``, then close them; returns the paths."""
-    from cartlib.runs import resolve_run_dir
-
     figs = list(_FIGURES)
     figs += [f for f in map(plt.figure, plt.get_fignums()) if f not in figs]
     _FIGURES.clear()

@@ -3,7 +3,8 @@
 import pytest
 
 from cartlib import launch
-from cartlib.config import ConfigError, available_presets, load_preset, notebook_config
+from cartlib.config import ConfigError, available_presets, load_preset
+from cartlib.params import notebook_config
 from cartlib.series import notebook_parameters
 
 
@@ -62,7 +63,8 @@ def test_depth_30_means_cart_d30_and_is_explained_without_gpus(tmp_path):
 def test_every_notebook_mapping_names_its_own_parameters_and_real_settings():
     import dataclasses
 
-    from cartlib.config import NOTEBOOKS, RunConfig
+    from cartlib.config import RunConfig
+    from cartlib.params import NOTEBOOKS
 
     run = RunConfig()
     for name, (schema, mapping) in NOTEBOOKS.items():
@@ -83,7 +85,7 @@ def test_series_passes_every_params_yaml_entry_to_a_declared_parameter():
 
     import yaml
 
-    from cartlib.config import NOTEBOOKS
+    from cartlib.params import NOTEBOOKS
 
     root = Path(__file__).resolve().parents[1] / "papermill_runs"
     for spec_path in root.glob("*/params.yaml"):
@@ -92,3 +94,28 @@ def test_series_passes_every_params_yaml_entry_to_a_declared_parameter():
             declared = {f.name for f in dataclasses.fields(schema)}
             params = notebook_parameters(spec, name, declared)
             notebook_config(name, params)  # validates names and types
+
+
+def test_config_owns_its_derived_values_and_refuses_inconsistent_quantizer_order():
+    cfg = load_preset("smoke")
+    assert cfg.order == 3 and cfg.schedule().n_steps == 4 + 3
+    assert cfg.ar.model_width == 64 * cfg.ar.depth and cfg.ar.model_heads == cfg.ar.depth
+    assert load_preset("tiny").ar.model_width == 128
+    var = cfg.var_baseline()
+    assert var.order == 0 and var.tokenizer.quantizer == "multiscale"
+    assert var.schedule().n_steps == len(cfg.tokenizer.base_patch_nums)
+    assert cfg.with_order(2).schedule().n_factors == 2
+    flat = cfg.with_flat_base()
+    assert set(flat.tokenizer.base_patch_nums) == {cfg.tokenizer.base_patch_nums[-1]}
+    with pytest.raises(ConfigError, match="quantizer='multiscale'.*order=3.*-p order 0"):
+        load_preset("smoke", tokenizer={"quantizer": "multiscale"})
+    with pytest.raises(ConfigError, match="order=0 has no details.*multiscale"):
+        load_preset("smoke", decompose={"order": 0})
+    with pytest.raises(ConfigError, match="vanilla"):
+        cfg.updated(tokenizer={"quantizer": "vanilla"})
+    assert cfg.with_quantizer("vanilla").order == 0
+    # artifact keys: a setting the tokenizer does not depend on leaves its key alone
+    assert cfg.digest(cfg.tokenizer_sections()) == cfg.updated(ar={"depth": 3}).digest(
+        cfg.tokenizer_sections()
+    )
+    assert "decompose" not in var.tokenizer_sections()

@@ -42,7 +42,7 @@ def no_fashion(tmp_path, monkeypatch):
     empty.mkdir()
     monkeypatch.setenv("CART_DATA_DIR", str(empty))
     monkeypatch.setenv("CART_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
+    monkeypatch.setattr(data.arrays, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian")
     return empty
 
 
@@ -79,7 +79,7 @@ def test_fashion_mnist_resolution_limit_and_order(resolution):
 @needs_debian
 def test_lazy_resize_equals_cached(monkeypatch):
     cached = data.load_dataset("fashion-mnist", resolution=40, limit=6)
-    monkeypatch.setattr(data, "CACHE_BYTES", 0)
+    monkeypatch.setattr(data.arrays, "CACHE_BYTES", 0)
     lazy = data.load_dataset("fashion-mnist", resolution=40, limit=6)
     assert lazy.lazy and not cached.lazy
     assert all(torch.equal(lazy[i][0], cached[i][0]) for i in range(6))
@@ -111,7 +111,7 @@ def test_missing_fashion_mnist_names_the_three_ways(no_fashion, capsys):
     assert "sudo apt-get install dataset-fashion-mnist" in msg
     assert "set CART_DATA_DIR to a folder with the four idx files" in msg
     assert "run once online so torchvision downloads it" in msg
-    assert str(no_fashion) in msg and str(data.DEBIAN_FASHION_MNIST) in msg
+    assert str(no_fashion) in msg and str(data.arrays.DEBIAN_FASHION_MNIST) in msg
     assert data.check_dataset("fashion-mnist", download=False) == 1
     assert "sudo apt-get install dataset-fashion-mnist" in capsys.readouterr().out
 
@@ -251,7 +251,7 @@ def test_corrupt_files_skipped_and_counted(corrupt):
 
 
 # -------------------------------------------------------------------------------------- cifar10
-@pytest.mark.skipif(data._find_cifar(None) is None, reason="CIFAR-10 is not on this machine")
+@pytest.mark.skipif(data.arrays._find_cifar(None) is None, reason="CIFAR-10 is not on this machine")
 def test_cifar10_local():
     ds = data.load_dataset("cifar10", "test", resolution=16, limit=10, download=False)
     assert_images(ds, 16, 10)

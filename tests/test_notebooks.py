@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from cartlib.config import NOTEBOOKS
+from cartlib.params import NOTEBOOKS
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))

@@ -34,7 +34,7 @@ from tqdm.auto import tqdm
 
 from cartlib.decompose.hierarchy import base_detail
 from cartlib.decompose.mumford_shah import SOLVER_VERSION, check_params
-from cartlib.runs import atomic_torch_save, cache_dir
+from cartlib.io import atomic_torch_save, cache_dir
 
 CACHE_FORMAT = 1  # layout of the cache file
 N_FINGERPRINT = 4  # images stored in the file to check it belongs to the dataset

@@ -65,6 +65,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from cartlib.checks import check_images
+
 DEFAULT_EPS = 0.1  # edge width in pixels (see the module docstring for the measurements)
 SOLVER_VERSION = 1  # bump when a change alters the result (it keys the on-disk cache)
 CPU_CHUNK = 1 << 19  # values per CPU chunk (2 MB of float32): 1.3-1.7x faster than a whole batch
@@ -209,8 +211,6 @@ def check_params(alpha, lam, eps) -> float:
 
 def check_input(x, name: str = "x") -> torch.Tensor:
     """Raise ValueError unless ``x`` is a float32/64 (B, C, H, W) tensor in [0, 1], C = 1 or 3."""
-    from cartlib.data import check_images
-
     if isinstance(x, torch.Tensor) and x.dim() == 4 and x.shape[1] not in (1, 3):
         hint = (
             "; it looks channels-last: use x.permute(0, 3, 1, 2)" if x.shape[-1] in (1, 3) else ""

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from cartlib.config import load_preset
 from cartlib.model.transformer import NextDetailTransformer
 
 # VAR's parameter counts (310M, 601M, 1.03B, 2.01B; Tian et al. 2024) for comparison.
@@ -20,8 +21,8 @@ def build_model(cfg, schedule, num_classes: int, device=None) -> NextDetailTrans
             t.latent_channels,
             num_classes,
             a.depth,
-            a.width,
-            a.heads,
+            a.model_width,
+            a.model_heads,
             a.mlp_ratio,
             a.dropout,
         )
@@ -29,13 +30,8 @@ def build_model(cfg, schedule, num_classes: int, device=None) -> NextDetailTrans
 
 def preset_param_count(preset: str, num_classes: int = 1000) -> int:
     """Parameter count of a preset's transformer, built on the meta device (no memory used)."""
-    from cartlib.config import load_preset
-    from cartlib.schedule import TokenSchedule
-
     cfg = load_preset(preset)
-    order = cfg.decompose.order if cfg.tokenizer.quantizer == "base_detail" else 0
-    schedule = TokenSchedule.from_config(cfg.tokenizer, order)
-    return build_model(cfg, schedule, num_classes, device="meta").num_params()
+    return build_model(cfg, cfg.schedule(), num_classes, device="meta").num_params()
 
 
 __all__ = ["NextDetailTransformer", "VAR_PARAMS", "build_model", "preset_param_count"]

@@ -186,28 +186,36 @@ class ScheduleQuantizer(nn.Module):
         )
 
     # ----------------------------------------------------------------------- Alg. 2
-    def features(self, tokens: list[torch.Tensor], upto: int | None = None) -> torch.Tensor:
-        """f_hat = sum_{k < upto} phi_k(z_k): the partial reconstruction after ``upto`` steps."""
+    def add_term(self, f_hat: torch.Tensor | None, idx: torch.Tensor, m: int) -> torch.Tensor:
+        """Alg. 2, one step: f_hat + phi_m(interpolate(z_m, h_M, w_M)) (f_hat None: the first)."""
+        term = self.step_term(idx, m)
+        return term if f_hat is None else f_hat + term
+
+    def accumulate(self, tokens: list[torch.Tensor], upto: int | None = None):
+        """Alg. 2 step by step: yields f_hat = sum_{k <= m} phi_k(z_k) after steps m = 1..upto
+        (default: every given token map). Each (B, C, h_M, w_M)."""
         upto = len(tokens) if upto is None else upto
         if not 1 <= upto <= self.schedule.n_steps or upto > len(tokens):
             raise ValueError(
                 f"upto={upto}: choose between 1 and {min(len(tokens), self.schedule.n_steps)}"
             )
-        f_hat = self.step_term(tokens[0], 0)
-        for m in range(1, upto):
-            f_hat = f_hat + self.step_term(tokens[m], m)
+        f_hat = None
+        for m in range(upto):
+            f_hat = self.add_term(f_hat, tokens[m], m)
+            yield f_hat
+
+    def features(self, tokens: list[torch.Tensor], upto: int | None = None) -> torch.Tensor:
+        """f_hat = sum_{k < upto} phi_k(z_k): the partial reconstruction after ``upto`` steps."""
+        *_, f_hat = self.accumulate(tokens, upto)
         return f_hat
 
     def teacher_inputs(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         """Transformer inputs for steps 2..M (VAR's teacher forcing): the accumulated f_hat of
         steps < m resampled to step m's size, flattened. -> (B, L - h_1 w_1, C)"""
-        out = []
-        f_hat = None
-        for m in range(1, self.schedule.n_steps):
-            term = self.step_term(tokens[m - 1], m - 1)
-            f_hat = term if f_hat is None else f_hat + term
-            out.append(self.next_input(f_hat, m))
-        return torch.cat(out, dim=1)
+        if self.schedule.n_steps == 1:  # one step: the start token is the only input
+            return tokens[0].new_zeros(len(tokens[0]), 0, self.codebook.embedding_dim).float()
+        sums = self.accumulate(tokens, self.schedule.n_steps - 1)
+        return torch.cat([self.next_input(f, m) for m, f in enumerate(sums, 1)], dim=1)
 
     def next_input(self, f_hat: torch.Tensor, m: int) -> torch.Tensor:
         """The input tokens of step m from the accumulated f_hat: (B,C,H,W) -> (B, h_m w_m, C)."""

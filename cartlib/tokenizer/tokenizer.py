@@ -15,7 +15,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from cartlib.config import DecomposeConfig, TokenizerConfig
+from cartlib.config import DecomposeConfig, TokenizerConfig, decomposition_order
+from cartlib.decompose import base_detail
 from cartlib.schedule import TokenSchedule
 from cartlib.tokenizer.quantize import QUANTIZERS, QuantOutput, ScheduleQuantizer
 from cartlib.tokenizer.vqvae import Decoder, Encoder, downsample_factor
@@ -39,8 +40,7 @@ class Tokenizer(nn.Module):
                 f"resolution={resolution} is not divisible by the {down}x downsampling of "
                 f"ch_mult={cfg.ch_mult}; choose a multiple of {down}"
             )
-        order = decompose.order if cfg.quantizer == "base_detail" else 0
-        self.schedule = TokenSchedule.from_config(cfg, order)
+        self.schedule = TokenSchedule.from_config(cfg, decomposition_order(cfg, decompose))
         latent = resolution // down
         if self.schedule.full_hw != (latent, latent):
             raise ValueError(
@@ -85,8 +85,6 @@ class Tokenizer(nn.Module):
     @torch.no_grad()
     def decompose(self, images: torch.Tensor) -> torch.Tensor:
         """B_1..B_n of each image with this tokenizer's decomposition settings. -> (B,n,3,H,W)"""
-        from cartlib.decompose import base_detail
-
         d = self.decompose_cfg
         dec = base_detail(images.float(), order=self.order, alpha=d.alpha, lam=d.lam, eps=d.eps)
         return torch.stack(dec.bases, 1).to(images)
@@ -117,13 +115,7 @@ class Tokenizer(nn.Module):
     @torch.no_grad()
     def partial_reconstructions(self, tokens: list[torch.Tensor]) -> torch.Tensor:
         """Decoded image after every step (base scales, then each detail). -> (M,B,3,H,W)"""
-        q = self.quantizer
-        f_hat, out = None, []
-        for m in range(self.schedule.n_steps):
-            term = q.step_term(tokens[m], m)
-            f_hat = term if f_hat is None else f_hat + term
-            out.append(self.decode(f_hat))
-        return torch.stack(out)
+        return torch.stack([self.decode(f) for f in self.quantizer.accumulate(tokens)])
 
 
 @torch.no_grad()

@@ -5,7 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from tqdm.auto import tqdm
 
+from cartlib.config import save_config
+from cartlib.model import build_model
 from cartlib.train.loop import (
     StepBatches,
     build_optimizer,
@@ -20,8 +23,6 @@ from cartlib.train.loop import (
 @torch.no_grad()
 def extract_tokens(tokenizer, images, bases=None, batch_size: int = 256, progress=True):
     """Alg. 1 over a whole (in-memory) dataset. -> list of M int16 tensors (N, h_k, w_k)."""
-    from tqdm.auto import tqdm
-
     device = next(tokenizer.parameters()).device
     cols: list[list[torch.Tensor]] = [[] for _ in tokenizer.schedule]
     for i in tqdm(range(0, len(images), batch_size), desc="tokenizing", disable=not progress):
@@ -49,12 +50,8 @@ def ar_loss(logits: torch.Tensor, targets: torch.Tensor, level_ids: torch.Tensor
 
 def ar_dir(run_dir: str | Path, cfg) -> Path:
     """``ar-d<depth>-<quantizer>-o<order>-<hash>``: keyed by everything the transformer sees."""
-    from cartlib.runs import config_hash, tokenizer_sections
-
-    t = cfg.tokenizer
-    order = cfg.decompose.order if t.quantizer == "base_detail" else 0
-    h = config_hash(cfg, (*tokenizer_sections(cfg), "ar"))
-    return Path(run_dir) / f"ar-d{cfg.ar.depth}-{t.quantizer}-o{order}-{h}"
+    h = cfg.digest((*cfg.tokenizer_sections(), "ar"))
+    return Path(run_dir) / f"ar-d{cfg.ar.depth}-{cfg.tokenizer.quantizer}-o{cfg.order}-{h}"
 
 
 def train_ar(
@@ -70,9 +67,6 @@ def train_ar(
     """Train the next-detail transformer on pre-extracted ``tokens`` (list of (N,h_k,w_k)) and
     ``labels`` (N,). AdamW (0.9, 0.95), lr = ar.lr x batch / 256 (VAR's scaling), warm-up then
     cosine decay, gradient clipping, label dropout for classifier-free guidance."""
-    from cartlib.config import save_config
-    from cartlib.model import build_model
-
     a = cfg.ar
     out_dir = ar_dir(run_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -136,8 +130,6 @@ def train_ar(
 
 def load_ar(path: str | Path, tokenizer):
     """A trained transformer from its folder (config.yaml + last.pt), in eval mode."""
-    from cartlib.model import build_model
-
     how = "notebook 04, or cartlib.runs.ensure_ar(cfg, run_dir)"
     cfg, state = load_stage(path, "model", how, extra=("num_classes.txt",))
     model = build_model(cfg, tokenizer.schedule, int((Path(path) / "num_classes.txt").read_text()))

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 from collections.abc import Callable
 from pathlib import Path
@@ -23,9 +24,13 @@ from typing import Any
 
 import numpy as np
 import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
 from torch import nn
+from tqdm.auto import tqdm
 
-from cartlib.runs import atomic_torch_save, atomic_write_bytes
+from cartlib.config import load_config
+from cartlib.io import atomic_torch_save, atomic_write_bytes, load_checkpoint
 
 CKPT_NAME = "last.pt"
 
@@ -34,11 +39,6 @@ CKPT_NAME = "last.pt"
 def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None):
     """An ``accelerate.Accelerator``; in-process (no launcher) its global state is reset first so
     a notebook can train several models with different precision settings."""
-    import os
-
-    from accelerate import Accelerator
-    from accelerate.state import AcceleratorState, GradientState
-
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision={mixed_precision!r}: choose 'no', 'bf16' or 'fp16'")
     if cpu is None:
@@ -102,18 +102,6 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load with a clear error for a truncated or foreign file (nothing is overwritten)."""
-    path = Path(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as e:  # truncated zip, pickle garbage, ...
-        raise RuntimeError(
-            f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is incomplete or not "
-            "a cartlib checkpoint. Move it away to start this stage afresh, or restore a copy"
-        ) from e
-
-
 # ------------------------------------------------------------------------------------------ loop
 def lr_lambda(warmup: int, total: int, final: float = 0.1) -> Callable[[int], float]:
     """Linear warm-up, then cosine decay to ``final`` x the base learning rate."""
@@ -146,8 +134,6 @@ def run_loop(
 
     ``stop_after`` ends the loop early after that many steps (checkpointing first): used to
     simulate a kill in tests and to train in slices from a notebook."""
-    from tqdm.auto import tqdm
-
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / CKPT_NAME
     start, history = 0, []
@@ -231,8 +217,6 @@ def build_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95)):
 def load_stage(path: str | Path, module: str, how: str, extra: tuple[str, ...] = ()):
     """(config, state dict of ``module``) of a finished stage folder; a missing file is an error
     that says how to produce it (``how``)."""
-    from cartlib.config import load_config
-
     path = Path(path)
     for need in ("config.yaml", CKPT_NAME, *extra):
         if not (path / need).exists():

@@ -5,7 +5,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from accelerate.utils import broadcast
+from tqdm.auto import tqdm
 
+from cartlib.config import save_config
+from cartlib.data import load_dataset_from_config
+from cartlib.decompose.cache import DecomposedDataset
+from cartlib.perceptual import lpips_model
+from cartlib.tokenizer import Tokenizer
+from cartlib.tokenizer.losses import CompoundLoss
 from cartlib.train.loop import (
     StepBatches,
     build_optimizer,
@@ -23,8 +32,6 @@ def materialize(dataset, progress: bool = True, batch_size: int = 512) -> tuple[
     Smoke and tiny runs fit easily (20k x 4 x 3 x 32 x 32 halves = 250 MB) and then need no
     DataLoader workers, which is also what makes every step's batch cheap and exactly
     reproducible."""
-    from tqdm.auto import tqdm
-
     loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
     cols: list[list[torch.Tensor]] = []
     for batch in tqdm(loader, desc="loading data", disable=not progress, leave=False):
@@ -38,21 +45,14 @@ def materialize(dataset, progress: bool = True, batch_size: int = 512) -> tuple[
 def tokenizer_training_data(cfg, split: str = "train", progress: bool = True):
     """(images, bases or None, labels) tensors for ``cfg``: bases B_1..B_n from the on-disk
     decomposition cache when the quantizer is base-detail (computed once, then reused)."""
-    from cartlib.data import load_dataset_from_config
-
     ds = load_dataset_from_config(cfg.data, split)
-    order = cfg.decompose.order if cfg.tokenizer.quantizer == "base_detail" else 0
-    if order == 0:
+    if cfg.order == 0:
         images, labels = materialize(ds, progress)
         return images, None, labels
-    from accelerate import PartialState
-
-    from cartlib.decompose.cache import DecomposedDataset
-
     d = cfg.decompose
     with PartialState().main_process_first():  # under a launcher: decomposed once, then loaded
         dds = DecomposedDataset(
-            ds, order=order, alpha=d.alpha, lam=d.lam, eps=d.eps, progress=progress
+            ds, order=cfg.order, alpha=d.alpha, lam=d.lam, eps=d.eps, progress=progress
         )
     return materialize(dds, progress)
 
@@ -60,14 +60,8 @@ def tokenizer_training_data(cfg, split: str = "train", progress: bool = True):
 def tokenizer_dir(run_dir: str | Path, cfg) -> Path:
     """``tokenizer-<quantizer>-o<order>-<hash of its settings>``: one folder per distinct
     tokenizer, so notebooks can compare several and a changed setting never reuses a stale one."""
-    from cartlib.runs import config_hash, tokenizer_sections
-
-    t = cfg.tokenizer
-    order = cfg.decompose.order if t.quantizer == "base_detail" else 0
-    return (
-        Path(run_dir)
-        / f"tokenizer-{t.quantizer}-o{order}-{config_hash(cfg, tokenizer_sections(cfg))}"
-    )
+    key = cfg.digest(cfg.tokenizer_sections())
+    return Path(run_dir) / f"tokenizer-{cfg.tokenizer.quantizer}-o{cfg.order}-{key}"
 
 
 def train_tokenizer(
@@ -77,10 +71,6 @@ def train_tokenizer(
 
     Returns ``(tokenizer, history)``; checkpoints and ``history.json`` go to
     ``tokenizer_dir(run_dir, cfg)``. ``data`` = (images, bases, labels) skips loading."""
-    from cartlib.config import save_config
-    from cartlib.tokenizer import Tokenizer
-    from cartlib.tokenizer.losses import CompoundLoss
-
     t = cfg.tokenizer
     out_dir = tokenizer_dir(run_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -91,8 +81,6 @@ def train_tokenizer(
     tok = Tokenizer(t, cfg.decompose, cfg.data.resolution)
     perceptual = None
     if t.w_lpips > 0:
-        from cartlib.perceptual import lpips_model
-
         perceptual = lpips_model(check_range=False)  # reconstructions may leave [0,1]
     crit = CompoundLoss(t, perceptual)
     opt = build_optimizer(tok.parameters(), t.lr, 0.0, betas=(0.5, 0.9))
@@ -142,8 +130,6 @@ def train_tokenizer(
             logs["used_codes"] = float((quant.usage > 0).sum())
             logs["restarted"] = float(quant.restart_dead_codes())
             if acc.num_processes > 1:
-                from accelerate.utils import broadcast
-
                 broadcast(quant.codebook.weight.data, from_process=0)
         return logs
 
@@ -166,8 +152,6 @@ def train_tokenizer(
 
 def load_tokenizer(path: str | Path):
     """A trained Tokenizer from its folder (config.yaml + last.pt), in eval mode."""
-    from cartlib.tokenizer import Tokenizer
-
     how = "notebook 02, or cartlib.runs.ensure_tokenizer(cfg, run_dir)"
     cfg, state = load_stage(path, "tokenizer", how)
     tok = Tokenizer(cfg.tokenizer, cfg.decompose, cfg.data.resolution)

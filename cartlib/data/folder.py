@@ -1,0 +1,185 @@
+"""Image folders (ImageNet, OpenImages, your own): ``root/<class>/<image>``, decoded per access.
+
+See :mod:`cartlib.data` for the split rules and the bad-file policy.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import warnings
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps
+from torch.utils.data import Dataset
+from tqdm.auto import tqdm
+
+from cartlib.data.common import BadFileError, DatasetUnavailableError
+
+IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
+
+
+def _to_rgb(im: Image.Image) -> Image.Image:
+    """Any PIL mode to RGB: 16-bit grey keeps its top 8 bits, transparency goes on white."""
+    if im.mode in ("I", "I;16", "I;16B", "I;16L"):
+        im = Image.fromarray(np.clip(np.asarray(im).astype(np.int64) >> 8, 0, 255).astype(np.uint8))
+    if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
+        im = Image.alpha_composite(Image.new("RGBA", im.size, "white"), im.convert("RGBA"))
+    return im.convert("RGB")
+
+
+def load_image(path: str | Path, resolution: int) -> torch.Tensor:
+    """Decode one file to float (3, R, R) in [0, 1]: RGB, EXIF-rotated, centre square, resized."""
+    with Image.open(path) as im:
+        im.draft("RGB", (resolution, resolution))  # JPEG: DCT downscale, both sides stay >= R
+        im = _to_rgb(ImageOps.exif_transpose(im))
+    w, h = im.size
+    s = min(w, h)
+    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    im = im.resize((resolution, resolution), Image.Resampling.BILINEAR)
+    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div_(255)
+
+
+def _verify(path: Path) -> str | None:
+    """None if PIL can parse the file's header, else the reason."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+    except Exception as e:  # PIL raises many types (OSError, SyntaxError, ValueError, ...)
+        return f"{type(e).__name__}: {e}"
+    return None
+
+
+def _hash(text: str) -> bytes:
+    return hashlib.sha1(text.encode()).digest()
+
+
+def _class_names(root: Path, present: list[Path]) -> list[str]:
+    """Sorted class folder names of an ImageFolder tree (across its split folders, if any)."""
+    is_class = lambda d: d.is_dir() and not d.name.startswith(".")
+    return sorted({d.name for t in present or [root] for d in t.iterdir() if is_class(d)})
+
+
+def imagefolder_num_classes(root: str | os.PathLike) -> int:
+    """Number of classes of an ImageFolder tree from its folder names alone (no image is read)."""
+    root = Path(root).expanduser()
+    present = [root / s for s in ("train", "val", "test") if (root / s).is_dir()]
+    return max(1, len(_class_names(root, present)))
+
+
+def _list_images(root: Path, split: str) -> tuple[list[tuple[Path, str]], list[str]]:
+    """(path, class) of the split's images in hash order, and the sorted class names."""
+    splits = {"train": ("train",), "test": ("val", "test")}
+    present = [root / s for s in ("train", "val", "test") if (root / s).is_dir()]
+    folder = next((root / s for s in splits[split] if (root / s).is_dir()), None)
+    if present and folder is None:
+        raise ValueError(
+            f"{root} has {', '.join(p.name for p in present)}/ but no folder for "
+            f"split={split!r} (looked for {', '.join(splits[split])}/)"
+        )
+    classes = _class_names(root, present)
+    items = []
+    for d, _, names in os.walk(folder or root, followlinks=True):
+        parts = Path(d).relative_to(folder or root).parts
+        cls = (parts[0] if parts and parts[0] in classes else None) if classes else root.name
+        if cls is not None:
+            items += [
+                (Path(d, f), cls) for f in names if Path(f).suffix.lower() in IMAGE_EXTENSIONS
+            ]
+    if folder is None:  # no split folders: a stable 1-in-10 hold-out chosen by path hash
+        test = [_hash("split:" + str(p.relative_to(root)))[0] % 10 == 0 for p, _ in items]
+        items = [item for item, t in zip(items, test, strict=True) if t == (split == "test")]
+    items.sort(key=lambda pc: _hash(str(pc[0].relative_to(root))))
+    return items, classes or [root.name]
+
+
+class ImageFolderDataset(Dataset):
+    """Images decoded from files on every access (see the module docstring for bad files)."""
+
+    def __init__(self, root, split, resolution, files, labels, classes, bad_files, skipped):
+        self.name, self.split, self.resolution = "imagefolder", split, resolution
+        self.source = str(root)
+        self.files, self.labels, self.classes, self.bad_files = files, labels, classes, bad_files
+        self.skipped = skipped  # [(path, reason)] found at construction or decode time
+        self.key = f"imagefolder-{_hash(str(root)).hex()[:8]}-{split}-r{resolution}-n{len(files)}"
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        for j in range(len(self.files)):
+            k = (i + j) % len(self.files)
+            try:
+                return load_image(self.files[k], self.resolution), self.labels[k]
+            except Exception as e:  # any decode failure, reported with the file's path
+                self._bad(self.files[k], f"{type(e).__name__}: {e}", e)
+        raise BadFileError(f"no image in {self.source} could be decoded (split={self.split!r})")
+
+    def _bad(self, path: Path, reason: str, cause: Exception) -> None:
+        if self.bad_files == "error":
+            raise BadFileError(
+                f"cannot decode {path} ({reason}); repair or remove the file, or "
+                "set bad_files='skip' to skip such files"
+            ) from cause
+        if all(p != path for p, _ in self.skipped):
+            self.skipped.append((path, reason))
+            warnings.warn(
+                f"skipped {path} ({reason}); the next image stands in for it "
+                f"({len(self.skipped)} skipped so far)",
+                stacklevel=3,
+            )
+
+
+def _scan(items: list, limit: int | None, progress: bool) -> tuple[list, list]:
+    """Header-check items in order until ``limit`` good ones: (good items, [(path, reason)])."""
+    good, bad, pos = [], [], 0
+    with ThreadPoolExecutor(min(16, 4 * (os.cpu_count() or 1))) as pool:
+        bar = tqdm(total=limit or len(items), desc="checking images", disable=not progress)
+        while pos < len(items) and (limit is None or len(good) < limit):
+            chunk = items[pos : pos + (len(items) if limit is None else limit - len(good))]
+            pos += len(chunk)
+            for item, err in zip(chunk, pool.map(_verify, [p for p, _ in chunk]), strict=True):
+                if err is None:
+                    good.append(item)
+                else:
+                    bad.append((item[0], err))
+            bar.update(len(chunk))
+        bar.close()
+    return good, bad
+
+
+def imagefolder(split, resolution, root, limit, bad_files, download, progress):
+    """Images under ``root`` (or ``$CART_DATA_DIR``) in ImageFolder layout; see the module doc."""
+    root = root or os.environ.get("CART_DATA_DIR")
+    if not root or not Path(root).expanduser().is_dir():
+        raise DatasetUnavailableError(
+            f"imagefolder needs root=<folder> (or CART_DATA_DIR) with "
+            f"<class>/<image> inside; got root={root!r}"
+        )
+    root = Path(root).expanduser().resolve()
+    items, classes = _list_images(root, split)
+    if not items:
+        raise DatasetUnavailableError(
+            f"no images ({', '.join(sorted(IMAGE_EXTENSIONS))}) for split={split!r} under {root}"
+        )
+    good, bad = _scan(items, limit, progress and len(items) > 2000)
+    names = "; ".join(f"{p} ({r})" for p, r in bad[:3]) + ("; ..." if len(bad) > 3 else "")
+    if bad and bad_files == "error":
+        raise BadFileError(
+            f"{len(bad)} unreadable image file(s) under {root}: {names}. Repair or "
+            "remove them, or set bad_files='skip' to skip such files"
+        )
+    if bad:
+        warnings.warn(
+            f"skipped {len(bad)} unreadable image file(s) under {root}: {names}", stacklevel=3
+        )
+    files = [p for p, _ in good]
+    labels = [classes.index(c) for _, c in good]
+    return ImageFolderDataset(root, split, resolution, files, labels, classes, bad_files, bad)

@@ -1,0 +1,253 @@
+"""Notebook parameters: one schema per numbered notebook, checked strictly, mapped to a RunConfig.
+
+Notebooks take their parameters as plain assignments in the cell tagged ``parameters``. The next
+cell calls :func:`notebook_config`, which collects those names from the kernel namespace, checks
+them against the notebook's schema (papermill itself only warns about unknown names) and builds
+the run's :class:`~cartlib.config.RunConfig`: the preset, then every parameter that was given.
+
+A new parameter touches two places: its schema here and the notebook's parameters cell. It maps to
+the config setting of the same name (``dataset`` -> ``data.dataset``, ``depth`` -> ``ar.depth``)
+unless :data:`ALIASES` says otherwise.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+from cartlib.config import (
+    SECTIONS,
+    ConfigError,
+    RunConfig,
+    _check_value,
+    _unknown,
+    load_preset,
+)
+
+# parameter names that differ from the setting they override
+ALIASES = {
+    "data_root": "data.root",
+    "tokenizer_steps": "tokenizer.steps",
+    "ar_steps": "ar.steps",
+}
+
+
+_IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+
+
+def _namespace_params(namespace: dict[str, Any]) -> dict[str, Any]:
+    """The plain values a parameters cell (and papermill's injected cell) put in the namespace."""
+    out = {}
+    for name, value in namespace.items():
+        if name.startswith("_") or name in _IPYTHON_NAMES:
+            continue
+        if isinstance(value, (types.ModuleType, types.FunctionType, type)) or callable(value):
+            continue
+        out[name] = value
+    return out
+
+
+def validate_params(schema: type, namespace: dict[str, Any]) -> Any:
+    """Check a notebook's parameters against ``schema`` (a dataclass) and return an instance.
+
+    Unknown names (a typo, or a parameter of another notebook) and wrong types raise a
+    :class:`ConfigError` naming the value and the fix; papermill alone would only warn.
+    """
+    given = _namespace_params(namespace)
+    hints = typing.get_type_hints(schema)
+    names = {f.name for f in dataclasses.fields(schema)}
+    values = {}
+    for key, value in given.items():
+        if key not in names:
+            raise _unknown(f"parameter of this notebook ({schema.__name__})", key, names)
+        values[key] = _check_value(key, value, hints[key])
+    return schema(**values)
+
+
+def run_config_from_params(params: Any, mapping: dict[str, str]) -> RunConfig:
+    """Preset ``params.preset`` with every non-None notebook parameter named in ``mapping``
+    (parameter name -> ``section.field``) applied on top."""
+    overrides: dict[str, Any] = {}
+    for pname, target in mapping.items():
+        value = getattr(params, pname)
+        if value is None:
+            continue
+        node = overrides
+        *path, last = target.split(".")
+        for part in path:
+            node = node.setdefault(part, {})
+        node[last] = value
+    return load_preset(params.preset, **overrides)
+
+
+# ---------------------------------------------------------------- notebook parameter schemas
+# One dataclass per notebook: field names and defaults equal the notebook's `parameters` cell
+# (tests/test_notebooks.py checks it). A parameter whose default is None overrides the RunConfig
+# setting of the same name (``PREFER`` picks the section when several have it; ``ALIASES`` map
+# other names); every other parameter belongs to the notebook alone.
+@dataclass
+class DecompositionParams:  # 01_mumford_shah_decomposition
+    preset: str = "smoke"
+    dataset: str | None = None
+    resolution: int | None = None
+    order: int | None = None
+    alpha: float | None = None
+    lam: float | None = None
+    eps: float | None = None
+    n_images: int = 4
+    run_dir: str = "papermill_runs/smoke"
+    seed: int = 0
+    progress: bool = True
+
+
+@dataclass
+class TokenizerParams:  # 02_train_tokenizer
+    PREFER: ClassVar = ("tokenizer",)
+    preset: str = "smoke"
+    quantizer: str | None = None
+    order: int | None = None
+    codebook_size: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    beta: float | None = None
+    w_lpips: float | None = None
+    w_gan: float | None = None
+    gan_start: int | None = None
+    w_base: float | None = None
+    mixed_precision: str | None = None
+    dataset: str | None = None
+    resolution: int | None = None
+    compare_base_loss: bool = True
+    n_show: int = 8
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
+@dataclass
+class TokenizationParams:  # 03_tokenization
+    PREFER: ClassVar = ("tokenizer",)
+    preset: str = "smoke"
+    order: int | None = None
+    steps: int | None = None
+    n_eval: int = 256
+    n_show: int = 4
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
+@dataclass
+class TrainARParams:  # 04_train_ar
+    PREFER: ClassVar = ("ar",)
+    preset: str = "smoke"
+    depth: int | None = None
+    dataset: str | None = None
+    resolution: int | None = None
+    order: int | None = None
+    steps: int | None = None
+    batch_size: int | None = None
+    lr: float | None = None
+    num_processes: int | None = None
+    mixed_precision: str | None = None
+    data_root: str | None = None
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
+@dataclass
+class SamplingParams:  # 05_sampling
+    preset: str = "smoke"
+    guidance: float = 2.0
+    cfg_schedule: str = "linear"
+    top_k: int = 0
+    top_p: float = 1.0
+    temperature: float = 1.0
+    n_per_class: int = 4
+    seed: int = 42
+    sweep: bool = True
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
+@dataclass
+class AblationParams:  # 06_ablation_decomposition_order
+    preset: str = "smoke"
+    orders: list[int] = field(default_factory=lambda: [0, 3])
+    flat_base: bool = False
+    seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
+    n_samples: int = 50
+    n_reference: int = 200
+    guidance: float = 2.0
+    tokenizer_steps: int | None = None
+    ar_steps: int | None = None
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
+@dataclass
+class AttentionParams:  # 07_attention_maps
+    preset: str = "smoke"
+    layer: int = -1
+    label: int = 0
+    seed: int = 42
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
+SCHEMAS: dict[str, type] = {
+    "01_mumford_shah_decomposition": DecompositionParams,
+    "02_train_tokenizer": TokenizerParams,
+    "03_tokenization": TokenizationParams,
+    "04_train_ar": TrainARParams,
+    "05_sampling": SamplingParams,
+    "06_ablation_decomposition_order": AblationParams,
+    "07_attention_maps": AttentionParams,
+}
+
+
+def config_targets(schema: type) -> dict[str, str]:
+    """Parameter name -> ``section.field`` of every config override of ``schema`` (the fields
+    whose default is None), by :data:`ALIASES`, else by name (sections in ``schema.PREFER``
+    order first)."""
+    run = RunConfig()
+    top = {f.name for f in dataclasses.fields(run)} - set(SECTIONS) - {"name"}
+    prefer = (*getattr(schema, "PREFER", ()), *SECTIONS)
+    out = {}
+    for f in dataclasses.fields(schema):
+        if f.default is not None:
+            continue
+        if f.name in ALIASES:
+            out[f.name] = ALIASES[f.name]
+        elif f.name in top:
+            out[f.name] = f.name
+        else:
+            section = next((s for s in prefer if hasattr(getattr(run, s), f.name)), None)
+            if section is None:
+                raise ConfigError(
+                    f"{schema.__name__}.{f.name} defaults to None (a config override) but no "
+                    "setting has that name: add it to params.ALIASES or give it a default"
+                )
+            out[f.name] = f"{section}.{f.name}"
+    return out
+
+
+NOTEBOOKS: dict[str, tuple[type, dict[str, str]]] = {
+    name: (schema, config_targets(schema)) for name, schema in SCHEMAS.items()
+}
+
+
+def notebook_config(notebook: str, namespace: dict[str, Any]) -> tuple[Any, RunConfig]:
+    """Validate the parameters a notebook's kernel holds and build its RunConfig.
+
+    Call it in the cell right after the ``parameters`` cell::
+
+        params, cfg = notebook_config("01_mumford_shah_decomposition", globals())
+    """
+    if notebook not in NOTEBOOKS:
+        raise _unknown("notebook", notebook, NOTEBOOKS)
+    schema, mapping = NOTEBOOKS[notebook]
+    params = validate_params(schema, namespace)
+    return params, run_config_from_params(params, mapping)
