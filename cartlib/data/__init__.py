@@ -12,6 +12,8 @@ Registry (:data:`DATASETS`, name -> builder; in-memory ones in ``arrays.py``, fi
   Each photo is resized so its short side is ``2 * resolution``; items are ``resolution``-square
   crops at seeded random positions (a crop spans half the short side), 64 per photo for ``train``
   and 16 for ``test`` from a different seed. Test crops are other windows of the same photos.
+- ``photos``: colour crops of 9 bundled photographs (scikit-image's and matplotlib's), split into
+  train and test by region of each photo, label = photo (``photos.py`` documents the choices).
 - ``cifar10``: the python-version batches from ``root``, ``$CART_DATA_DIR`` or the cache, else a
   torchvision download.
 - ``imagefolder``: ``root/<class>/<image>`` (ImageNet/OpenImages); ``root/train`` and ``root/val``
@@ -72,11 +74,13 @@ from cartlib.data.folder import (  # noqa: F401  (re-exported)
     imagefolder_num_classes,
     load_image,
 )
+from cartlib.data.photos import PHOTOS, photo_crops  # noqa: F401  (re-exported)
 
 # -------------------------------------------------------------------------------------- registry
 DATASETS: dict[str, Callable[..., Dataset]] = {
     "fashion-mnist": fashion_mnist,
     "skimage-photos": skimage_photos,
+    "photos": photo_crops,
     "cifar10": cifar10,
     "imagefolder": imagefolder,
 }

@@ -227,7 +227,7 @@ def cifar10(split, resolution, root, limit, bad_files, download, progress):
 
 
 # -------------------------------------------------------------------------------- skimage-photos
-def _skimage_photo(name: str) -> torch.Tensor:
+def skimage_photo(name: str) -> torch.Tensor:
     import skimage.data
 
     load = skimage.data.stereo_motorcycle if name == "motorcycle" else getattr(skimage.data, name)
@@ -241,7 +241,7 @@ def skimage_photos(split, resolution, root, limit, bad_files, download, progress
     n = per_photo * n_photos if limit is None else min(limit, per_photo * n_photos)
     crops = np.empty((n, 3, resolution, resolution), np.uint8)  # numpy: small copies, no threads
     for p, name in enumerate(SKIMAGE_PHOTOS):
-        photo = _skimage_photo(name)
+        photo = skimage_photo(name)
         h, w = photo.shape[1:]
         scale = 2 * resolution / min(h, w)
         size = (max(2 * resolution, round(h * scale)), max(2 * resolution, round(w * scale)))
