@@ -1,0 +1,49 @@
+"""The training-memory model and the layout it chooses (micro-batch, accumulation, FSDP,
+activation checkpointing)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cartlib.fit import GIB, HEADROOM, choose_fit, training_memory
+
+D30 = {"n_params": 2_012_000_000, "depth": 30, "width": 1920, "seq_len": 2066, "vocab": 4096}
+
+
+def test_memory_parts_scale_as_the_model_says():
+    base = training_memory(**D30, micro_batch=8)
+    assert base["total"] == pytest.approx(sum(v for k, v in base.items() if k != "total"))
+    double = training_memory(**D30, micro_batch=16)
+    assert double["activations"] == pytest.approx(2 * base["activations"])
+    assert double["state"] == base["state"]  # the optimizer state does not depend on the batch
+    sharded = training_memory(**D30, micro_batch=8, world=16, fsdp=True)
+    assert sharded["state"] == pytest.approx(base["state"] / 16)
+    ckpt = training_memory(**D30, micro_batch=8, checkpointing=True)
+    assert ckpt["activations"] < base["activations"] / 5  # depth 30: keep inputs, one live layer
+
+
+@pytest.mark.parametrize(
+    ("world", "mem", "batch"), [(16, 80, 768), (8, 141, 768), (16, 40, 768), (16, 80, 384)]
+)
+def test_chosen_layout_keeps_the_global_batch_and_fits(world, mem, batch):
+    fit = choose_fit(**D30, global_batch=batch, world=world, gpu_mem_gib=mem)
+    assert fit.micro_batch * fit.accumulation * world == batch
+    assert fit.peak_gib <= HEADROOM * mem
+    mb = training_memory(
+        **D30,
+        micro_batch=fit.micro_batch,
+        world=world,
+        fsdp=fit.fsdp,
+        checkpointing=fit.checkpointing,
+    )
+    assert mb["total"] / GIB == pytest.approx(fit.peak_gib)
+
+
+def test_smaller_gpus_get_sharding_or_checkpointing_and_impossible_fits_say_so():
+    big = choose_fit(**D30, global_batch=768, world=16, gpu_mem_gib=80)
+    small = choose_fit(**D30, global_batch=768, world=16, gpu_mem_gib=40)
+    assert not big.fsdp and small.fsdp  # 2B params x 16 B = 30 GiB of state: shard it on 40 GB
+    with pytest.raises(ValueError, match="does not split evenly over 7 GPUs"):
+        choose_fit(**D30, global_batch=768, world=7, gpu_mem_gib=80)
+    with pytest.raises(ValueError, match="use more GPUs or larger ones"):
+        choose_fit(**D30, global_batch=768, world=1, gpu_mem_gib=16)
