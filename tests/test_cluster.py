@@ -1,0 +1,51 @@
+"""Multi-node launch commands and the SLURM batch script."""
+
+from __future__ import annotations
+
+import shlex
+import subprocess
+
+import pytest
+
+from cartlib.cluster import Cluster, node_commands, slurm_script
+
+
+def test_one_machine_needs_no_rendezvous():
+    (cmd,) = node_commands(Cluster(8), "train-ar", "c.yaml", "runs/x", "bf16")
+    assert cmd.startswith("accelerate launch --num_processes 8 --mixed_precision bf16 -m cartlib")
+    assert "--machine_rank" not in cmd and cmd.endswith("--config c.yaml --run-dir runs/x")
+
+
+def test_two_nodes_get_one_command_each_with_their_rank():
+    c = Cluster(16, num_machines=2, main_process_ip="10.0.0.1")
+    cmds = node_commands(c, "train-ar", "c.yaml", "runs/x", "bf16")
+    assert len(cmds) == 2
+    for rank, cmd in enumerate(cmds):
+        args = shlex.split(cmd)
+        assert args[args.index("--machine_rank") + 1] == str(rank)
+        assert args[args.index("--num_processes") + 1] == "16"  # all GPUs, both machines
+        assert args[args.index("--main_process_ip") + 1] == "10.0.0.1"
+
+
+def test_slurm_script_starts_every_node_with_its_own_rank(tmp_path):
+    c = Cluster(16, num_machines=2)
+    text = slurm_script(c, "train-ar", tmp_path / "my run/c.yaml", tmp_path, "bf16")
+    assert "#SBATCH --nodes=2" in text and "#SBATCH --gpus-per-node=8" in text
+    script = tmp_path / "run.slurm"
+    script.write_text(text)
+    assert subprocess.run(["bash", "-n", str(script)]).returncode == 0  # valid shell
+    srun = next(line for line in text.splitlines() if line.startswith("srun"))
+    inner = shlex.split(srun)[-1]  # what each task's bash runs: variables expanded per task
+    env = {"SLURM_NODEID": "1", "MASTER_ADDR": "node-a", "PATH": "/usr/bin:/bin"}
+    echoed = subprocess.run(
+        ["bash", "-c", f"echo {inner}"], env=env, capture_output=True, text=True
+    ).stdout
+    assert "--machine_rank 1" in echoed and "--main_process_ip node-a" in echoed
+    assert "my run/c.yaml" in echoed  # a path with a space survives the quoting
+
+
+def test_bad_topologies_are_refused_with_the_fix():
+    with pytest.raises(ValueError, match="multiple of num_machines=3"):
+        Cluster(16, num_machines=3)
+    with pytest.raises(ValueError, match="machine_rank=2 must be in 0..1"):
+        Cluster(16, num_machines=2, machine_rank=2)
