@@ -10,8 +10,13 @@ smoke run.
 The config owns what follows from it: :attr:`RunConfig.order` (the decomposition order the
 tokenizer uses), :meth:`RunConfig.schedule`, :attr:`ARConfig.model_width`, and the variants the
 ablation needs (:meth:`RunConfig.with_order`, :meth:`RunConfig.var_baseline`). An inconsistent
-quantizer/order pair is refused when the config is built. Notebook parameters are in
-:mod:`cartlib.params`.
+quantizer/order pair is refused when the config is built, and so is every number outside its
+range (:data:`RANGES`; the message names the setting, its value and the allowed range). Notebook
+parameters are in :mod:`cartlib.params`.
+
+Trained artifacts are keyed by :meth:`RunConfig.artifact_key`: a hash of every setting their
+result depends on, precision and process count included, so a changed setting never reuses (or
+overwrites) a model trained under another.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -28,9 +34,11 @@ from typing import Any
 
 import yaml
 
+from cartlib.io import atomic_write_bytes
 from cartlib.schedule import TokenSchedule
 
 PRESET_DIR = Path(__file__).parent / "presets"
+MAX_ORDER = 6  # the paper ablates n = 0..4 (Table 5); beyond ~6 the bases are flat
 
 
 class ConfigError(ValueError):
@@ -47,6 +55,9 @@ class DataConfig:
     test_limit: int | None = 512  # held-out images for evaluation (None = all)
     bad_files: str = "error"  # error | skip  (imagefolder: corrupt or unreadable files)
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
 
 @dataclass
 class DecomposeConfig:
@@ -54,6 +65,9 @@ class DecomposeConfig:
     alpha: float = 1.0  # smoothness weight (Eq. 4), paper: 1
     lam: float = 0.01  # edge-length weight (Eq. 4), paper: 0.01
     eps: float | None = None  # AT edge width; None = the solver's documented default
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass
@@ -82,6 +96,9 @@ class TokenizerConfig:
     ckpt_every: int = 100
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
 
 @dataclass
 class ARConfig:
@@ -99,6 +116,15 @@ class ARConfig:
     grad_clip: float = 2.0
     ckpt_every: int = 100
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.model_width % self.model_heads:
+            raise ConfigError(
+                f"ar.heads={self.model_heads} does not divide the transformer width "
+                f"{self.model_width} (ar.width, or 64 * ar.depth): choose heads that divide it "
+                "(VAR: heads = depth, width = 64 * depth)"
+            )
 
     @property
     def model_width(self) -> int:
@@ -122,6 +148,7 @@ class RunConfig:
     num_processes: int = 1
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         check_quantizer_order(self.tokenizer, self.decompose)
 
     # ------------------------------------------------------------------ derived values
@@ -174,10 +201,24 @@ class RunConfig:
         return ("data", "decompose", "tokenizer") if self.order > 0 else ("data", "tokenizer")
 
     def digest(self, sections: tuple[str, ...]) -> str:
-        """A short stable hash of the named sections (what an artifact depends on)."""
+        """A short stable hash of the named sections or top-level settings."""
         d = self.to_dict()
         blob = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+    def artifact_key(self, stage: str) -> str:
+        """The hash that names a trained ``stage`` ("tokenizer" or "ar"): its sections (the
+        transformer's include the tokenizer's) and every top-level setting but the name, as
+        ``mixed_precision`` and ``num_processes`` change the trained weights too."""
+        stages = {"tokenizer": self.tokenizer_sections(), "ar": (*self.tokenizer_sections(), "ar")}
+        if stage not in stages:
+            raise _unknown("stage", stage, stages)
+        run_wide = tuple(
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name not in SECTIONS and f.name not in NOT_IN_KEYS
+        )
+        return self.digest((*stages[stage], *run_wide))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -205,7 +246,99 @@ def check_quantizer_order(tokenizer: TokenizerConfig, decompose: DecomposeConfig
         )
 
 
+# ------------------------------------------------------------------------------------- ranges
+@dataclass(frozen=True)
+class Range:
+    """Allowed values of a numeric setting: ``lo``..``hi``, either end open or absent."""
+
+    lo: float | None = None
+    hi: float | None = None
+    lo_open: bool = False
+    hi_open: bool = False
+    odd: bool = False
+
+    def __contains__(self, v: float) -> bool:
+        return (
+            math.isfinite(v)
+            and (self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
+            and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi))
+            and (not self.odd or v % 2 == 1)
+        )
+
+    def __str__(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            left, right = "(["[not self.lo_open], ")]"[not self.hi_open]
+            text = f"in {left}{self.lo:g}, {self.hi:g}{right}"
+        else:
+            text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
+        return text + (" and odd" if self.odd else "")
+
+
+AT_LEAST_1, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, lo_open=True)
+PROBABILITY = Range(0, 1, hi_open=True)
+# section ("" = top level) -> setting -> allowed values (each item, for tuples); None is always
+# allowed where the type says so. A numeric setting without an entry fails tests/test_robustness.
+RANGES: dict[str, dict[str, Range]] = {
+    "data": {"resolution": Range(8), "train_limit": AT_LEAST_1, "test_limit": AT_LEAST_1},
+    "decompose": {
+        "order": Range(0, MAX_ORDER),
+        **dict.fromkeys(("alpha", "lam", "eps"), POSITIVE),
+    },
+    "tokenizer": {
+        **dict.fromkeys(("channels", "ch_mult", "latent_channels", "base_patch_nums"), AT_LEAST_1),
+        **dict.fromkeys(("depth_per_factor", "rq_depth", "steps", "batch_size"), AT_LEAST_1),
+        "codebook_size": Range(2),
+        "phi_kernel": Range(1, odd=True),
+        **dict.fromkeys(("phi_share", "gan_start", "dead_code_every", "seed"), NON_NEGATIVE),
+        **dict.fromkeys(("beta", "w_rec", "w_lpips", "w_gan", "w_base"), NON_NEGATIVE),
+        "lr": POSITIVE,
+        "ckpt_every": AT_LEAST_1,
+    },
+    "ar": {
+        **dict.fromkeys(("depth", "width", "heads", "steps", "batch_size"), AT_LEAST_1),
+        **dict.fromkeys(("mlp_ratio", "lr", "grad_clip"), POSITIVE),
+        **dict.fromkeys(("dropout", "cond_drop"), PROBABILITY),
+        **dict.fromkeys(("weight_decay", "warmup", "seed"), NON_NEGATIVE),
+        "ckpt_every": AT_LEAST_1,
+    },
+    "": {"num_processes": AT_LEAST_1},
+}
+CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
+    "data": {"bad_files": ("error", "skip")},
+    "tokenizer": {"quantizer": ("vanilla", "multiscale", "base_detail")},
+    "": {"mixed_precision": ("no", "bf16", "fp16")},
+}
+SECTION_OF = {"DataConfig": "data", "DecomposeConfig": "decompose", "TokenizerConfig": "tokenizer",
+              "ARConfig": "ar", "RunConfig": ""}  # fmt: skip
+
+
+def check_ranges(obj: Any) -> None:
+    """Raise a ConfigError naming the first setting of section ``obj`` outside its range."""
+    section = SECTION_OF[type(obj).__name__]
+    prefix = f"{section}." if section else ""
+    for name, rng in RANGES[section].items():
+        value = getattr(obj, name)
+        for v in value if isinstance(value, (tuple, list)) else (value,):
+            if v is None:
+                continue
+            where = f"{prefix}{name}={value!r}"
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                raise ConfigError(f"{where} must be a number, got {type(v).__name__}")
+            if v not in rng:
+                each = "each item " if value is not v else ""
+                raise ConfigError(f"{where} is out of range: {each}must be {rng}")
+        if isinstance(value, (tuple, list)) and not value:
+            raise ConfigError(f"{prefix}{name} is empty: give at least one value {rng}")
+    for name, allowed in CHOICES.get(section, {}).items():
+        if getattr(obj, name) not in allowed:
+            raise ConfigError(
+                f"{prefix}{name}={getattr(obj, name)!r} is not allowed: choose one of "
+                f"{', '.join(map(repr, allowed))}"
+            )
+
+
 SECTIONS = ("data", "decompose", "tokenizer", "ar")
+NOT_IN_KEYS = ("name",)  # top-level settings that do not change a trained result
 
 
 # ----------------------------------------------------------------------------------- type checking
@@ -314,7 +447,7 @@ def load_preset(name: str, **overrides: Any) -> RunConfig:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+    atomic_write_bytes(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False).encode())
 
 
 def load_config(path: str | Path) -> RunConfig:
