@@ -11,8 +11,8 @@ The config owns what follows from it: :attr:`RunConfig.order` (the decomposition
 tokenizer uses), :meth:`RunConfig.schedule`, :attr:`ARConfig.model_width`, and the variants the
 ablation needs (:meth:`RunConfig.with_order`, :meth:`RunConfig.var_baseline`). An inconsistent
 quantizer/order pair is refused when the config is built, and so is every number outside its
-range (:data:`RANGES`; the message names the setting, its value and the allowed range). Notebook
-parameters are in :mod:`cartlib.params`.
+range (:mod:`cartlib.ranges`; the message names the setting, its value and the allowed range).
+Notebook parameters are in :mod:`cartlib.params`.
 
 Trained artifacts are keyed by :meth:`RunConfig.artifact_key`: a hash of every setting their
 result depends on, precision and process count included, so a changed setting never reuses (or
@@ -25,7 +25,6 @@ import dataclasses
 import difflib
 import hashlib
 import json
-import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -35,10 +34,10 @@ from typing import Any
 import yaml
 
 from cartlib.io import atomic_write_bytes
+from cartlib.ranges import range_problem
 from cartlib.schedule import TokenSchedule
 
 PRESET_DIR = Path(__file__).parent / "presets"
-MAX_ORDER = 6  # the paper ablates n = 0..4 (Table 5); beyond ~6 the bases are flat
 
 
 class ConfigError(ValueError):
@@ -246,95 +245,11 @@ def check_quantizer_order(tokenizer: TokenizerConfig, decompose: DecomposeConfig
         )
 
 
-# ------------------------------------------------------------------------------------- ranges
-@dataclass(frozen=True)
-class Range:
-    """Allowed values of a numeric setting: ``lo``..``hi``, either end open or absent."""
-
-    lo: float | None = None
-    hi: float | None = None
-    lo_open: bool = False
-    hi_open: bool = False
-    odd: bool = False
-
-    def __contains__(self, v: float) -> bool:
-        return (
-            math.isfinite(v)
-            and (self.lo is None or (v > self.lo if self.lo_open else v >= self.lo))
-            and (self.hi is None or (v < self.hi if self.hi_open else v <= self.hi))
-            and (not self.odd or v % 2 == 1)
-        )
-
-    def __str__(self) -> str:
-        if self.lo is not None and self.hi is not None:
-            left, right = "(["[not self.lo_open], ")]"[not self.hi_open]
-            text = f"in {left}{self.lo:g}, {self.hi:g}{right}"
-        else:
-            text = f"{'>' if self.lo_open else '>='} {self.lo:g}"
-        return text + (" and odd" if self.odd else "")
-
-
-AT_LEAST_1, NON_NEGATIVE, POSITIVE = Range(1), Range(0), Range(0, lo_open=True)
-PROBABILITY = Range(0, 1, hi_open=True)
-# section ("" = top level) -> setting -> allowed values (each item, for tuples); None is always
-# allowed where the type says so. A numeric setting without an entry fails tests/test_robustness.
-RANGES: dict[str, dict[str, Range]] = {
-    "data": {"resolution": Range(8), "train_limit": AT_LEAST_1, "test_limit": AT_LEAST_1},
-    "decompose": {
-        "order": Range(0, MAX_ORDER),
-        **dict.fromkeys(("alpha", "lam", "eps"), POSITIVE),
-    },
-    "tokenizer": {
-        **dict.fromkeys(("channels", "ch_mult", "latent_channels", "base_patch_nums"), AT_LEAST_1),
-        **dict.fromkeys(("depth_per_factor", "rq_depth", "steps", "batch_size"), AT_LEAST_1),
-        "codebook_size": Range(2),
-        "phi_kernel": Range(1, odd=True),
-        **dict.fromkeys(("phi_share", "gan_start", "dead_code_every", "seed"), NON_NEGATIVE),
-        **dict.fromkeys(("beta", "w_rec", "w_lpips", "w_gan", "w_base"), NON_NEGATIVE),
-        "lr": POSITIVE,
-        "ckpt_every": AT_LEAST_1,
-    },
-    "ar": {
-        **dict.fromkeys(("depth", "width", "heads", "steps", "batch_size"), AT_LEAST_1),
-        **dict.fromkeys(("mlp_ratio", "lr", "grad_clip"), POSITIVE),
-        **dict.fromkeys(("dropout", "cond_drop"), PROBABILITY),
-        **dict.fromkeys(("weight_decay", "warmup", "seed"), NON_NEGATIVE),
-        "ckpt_every": AT_LEAST_1,
-    },
-    "": {"num_processes": AT_LEAST_1},
-}
-CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
-    "data": {"bad_files": ("error", "skip")},
-    "tokenizer": {"quantizer": ("vanilla", "multiscale", "base_detail")},
-    "": {"mixed_precision": ("no", "bf16", "fp16")},
-}
-SECTION_OF = {"DataConfig": "data", "DecomposeConfig": "decompose", "TokenizerConfig": "tokenizer",
-              "ARConfig": "ar", "RunConfig": ""}  # fmt: skip
-
-
-def check_ranges(obj: Any) -> None:
-    """Raise a ConfigError naming the first setting of section ``obj`` outside its range."""
-    section = SECTION_OF[type(obj).__name__]
-    prefix = f"{section}." if section else ""
-    for name, rng in RANGES[section].items():
-        value = getattr(obj, name)
-        for v in value if isinstance(value, (tuple, list)) else (value,):
-            if v is None:
-                continue
-            where = f"{prefix}{name}={value!r}"
-            if isinstance(v, bool) or not isinstance(v, (int, float)):
-                raise ConfigError(f"{where} must be a number, got {type(v).__name__}")
-            if v not in rng:
-                each = "each item " if value is not v else ""
-                raise ConfigError(f"{where} is out of range: {each}must be {rng}")
-        if isinstance(value, (tuple, list)) and not value:
-            raise ConfigError(f"{prefix}{name} is empty: give at least one value {rng}")
-    for name, allowed in CHOICES.get(section, {}).items():
-        if getattr(obj, name) not in allowed:
-            raise ConfigError(
-                f"{prefix}{name}={getattr(obj, name)!r} is not allowed: choose one of "
-                f"{', '.join(map(repr, allowed))}"
-            )
+def check_ranges(section: Any) -> None:
+    """Refuse a config section (or the RunConfig) with a setting outside its range."""
+    problem = range_problem(section)
+    if problem:
+        raise ConfigError(problem)
 
 
 SECTIONS = ("data", "decompose", "tokenizer", "ar")

@@ -48,7 +48,11 @@ _HELD: dict[str, list] = {}  # lock path -> [fd, depth] of the locks this proces
 
 
 class DiskFullError(OSError):
-    """A write failed for lack of space; the message names the folder and the size needed."""
+    """A write failed for lack of space (errno ENOSPC); the message names the folder and the
+    size needed."""
+
+    def __str__(self) -> str:
+        return self.strerror
 
 
 class LockTimeout(RuntimeError):
@@ -107,9 +111,14 @@ def _commit(tmp: str, path: Path) -> None:
 
 def _disk_full(e: BaseException, path: Path, need: int) -> DiskFullError | None:
     """A DiskFullError for a failed write of ``need`` bytes to ``path``, or None if ``e`` is not
-    a lack of space (ENOSPC, EDQUOT). torch.save writes through a file object here, so it passes
-    the OSError on instead of its path writer's "[enforce fail ...] unexpected pos"."""
-    if not (isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT)):
+    a lack of space: ENOSPC or EDQUOT, raised as such or as the context of torch's "[enforce
+    fail at inline_container.cc] unexpected pos" (what torch.save turns it into)."""
+    chain = e
+    while chain is not None and not (
+        isinstance(chain, OSError) and chain.errno in (errno.ENOSPC, errno.EDQUOT)
+    ):
+        chain = chain.__context__
+    if chain is None:
         return None
     free = shutil.disk_usage(path.parent).free
     return DiskFullError(

@@ -22,7 +22,8 @@ Design decisions:
   cannot be read (truncated, corrupt, written by another version), is recomputed with a warning
   that names the file and the reason.
 - Files are written atomically (temp file + rename) under a lock of their own
-  (``.<file>.lock``), so two processes that need the same decomposition compute it once.
+  (``.<file>.lock``), so two processes that need the same decomposition compute it once: the
+  second waits, then reads the first one's file. Reading a usable file takes no lock.
 """
 
 from __future__ import annotations
@@ -177,13 +178,25 @@ def decompose_dataset(
         bases = _compute(dataset, n, order, at_params, batch_size, device, progress)
         return bases.expand(-1, -1, fingerprint.shape[1], -1, -1)
     path, content = cache_path(key), content_signature(dataset, n)
-    with file_lock(path.with_name(f".{path.name}.lock"), f"decomposing {key['dataset']}"):
-        bases = _load(path, key, fingerprint, content) if path.exists() else None
-        if bases is None:
-            bases = _compute(dataset, n, order, at_params, batch_size, device, progress)
-            blob = {"key": key, "bases": bases, "fingerprint": fingerprint, "content": content}
-            atomic_torch_save(blob, path)
+    seen = _stat(path)
+    bases = _load(path, key, fingerprint, content) if seen else None  # readers take no lock
+    if bases is None:
+        with file_lock(path.with_name(f".{path.name}.lock"), f"decomposing {key['dataset']}"):
+            if _stat(path) not in (seen, None):  # written by another process while we waited
+                bases = _load(path, key, fingerprint, content)
+            if bases is None:
+                bases = _compute(dataset, n, order, at_params, batch_size, device, progress)
+                blob = {"key": key, "bases": bases, "fingerprint": fingerprint, "content": content}
+                atomic_torch_save(blob, path)
     return bases.expand(-1, -1, fingerprint.shape[1], -1, -1)
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class DecomposedDataset(Dataset):
