@@ -5,10 +5,12 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cartlib import runs
+from cartlib import launch, runs
 from cartlib.config import load_config
 from cartlib.data import check_dataset
 from cartlib.series import run_series
+
+EXIT_NOT_TRAINED = 3  # train-ar could not train here (the plan explains why)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -33,8 +35,12 @@ def main(argv: list[str] | None = None) -> int:
         cfg = load_config(args.config)
         if args.command == "train-tokenizer":
             runs.ensure_tokenizer(cfg, args.run_dir)
-        else:
-            runs.ensure_ar(cfg, args.run_dir)
+            return 0
+        plan = launch.plan_ar(cfg, args.run_dir)
+        if plan.mode == "explain":  # e.g. a full-scale config on a machine without GPUs
+            launch.explain(plan)
+            return EXIT_NOT_TRAINED
+        runs.ensure_ar(cfg, args.run_dir)
         return 0
     return 2
 

@@ -10,8 +10,13 @@ smoke run.
 The config owns what follows from it: :attr:`RunConfig.order` (the decomposition order the
 tokenizer uses), :meth:`RunConfig.schedule`, :attr:`ARConfig.model_width`, and the variants the
 ablation needs (:meth:`RunConfig.with_order`, :meth:`RunConfig.var_baseline`). An inconsistent
-quantizer/order pair is refused when the config is built. Notebook parameters are in
-:mod:`cartlib.params`.
+quantizer/order pair is refused when the config is built, and so is every number outside its
+range (:mod:`cartlib.ranges`; the message names the setting, its value and the allowed range).
+Notebook parameters are in :mod:`cartlib.params`.
+
+Trained artifacts are keyed by :meth:`RunConfig.artifact_key`: a hash of every setting their
+result depends on, precision and process count included, so a changed setting never reuses (or
+overwrites) a model trained under another.
 """
 
 from __future__ import annotations
@@ -28,6 +33,8 @@ from typing import Any
 
 import yaml
 
+from cartlib.io import atomic_write_bytes
+from cartlib.ranges import range_problem
 from cartlib.schedule import TokenSchedule
 
 PRESET_DIR = Path(__file__).parent / "presets"
@@ -47,6 +54,9 @@ class DataConfig:
     test_limit: int | None = 512  # held-out images for evaluation (None = all)
     bad_files: str = "error"  # error | skip  (imagefolder: corrupt or unreadable files)
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
 
 @dataclass
 class DecomposeConfig:
@@ -54,6 +64,9 @@ class DecomposeConfig:
     alpha: float = 1.0  # smoothness weight (Eq. 4), paper: 1
     lam: float = 0.01  # edge-length weight (Eq. 4), paper: 0.01
     eps: float | None = None  # AT edge width; None = the solver's documented default
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
 
 
 @dataclass
@@ -82,6 +95,9 @@ class TokenizerConfig:
     ckpt_every: int = 100
     seed: int = 0
 
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
 
 @dataclass
 class ARConfig:
@@ -99,6 +115,15 @@ class ARConfig:
     grad_clip: float = 2.0
     ckpt_every: int = 100
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+        if self.model_width % self.model_heads:
+            raise ConfigError(
+                f"ar.heads={self.model_heads} does not divide the transformer width "
+                f"{self.model_width} (ar.width, or 64 * ar.depth): choose heads that divide it "
+                "(VAR: heads = depth, width = 64 * depth)"
+            )
 
     @property
     def model_width(self) -> int:
@@ -122,6 +147,7 @@ class RunConfig:
     num_processes: int = 1
 
     def __post_init__(self) -> None:
+        check_ranges(self)
         check_quantizer_order(self.tokenizer, self.decompose)
 
     # ------------------------------------------------------------------ derived values
@@ -174,10 +200,24 @@ class RunConfig:
         return ("data", "decompose", "tokenizer") if self.order > 0 else ("data", "tokenizer")
 
     def digest(self, sections: tuple[str, ...]) -> str:
-        """A short stable hash of the named sections (what an artifact depends on)."""
+        """A short stable hash of the named sections or top-level settings."""
         d = self.to_dict()
         blob = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:8]
+
+    def artifact_key(self, stage: str) -> str:
+        """The hash that names a trained ``stage`` ("tokenizer" or "ar"): its sections (the
+        transformer's include the tokenizer's) and every top-level setting but the name, as
+        ``mixed_precision`` and ``num_processes`` change the trained weights too."""
+        stages = {"tokenizer": self.tokenizer_sections(), "ar": (*self.tokenizer_sections(), "ar")}
+        if stage not in stages:
+            raise _unknown("stage", stage, stages)
+        run_wide = tuple(
+            f.name
+            for f in dataclasses.fields(self)
+            if f.name not in SECTIONS and f.name not in NOT_IN_KEYS
+        )
+        return self.digest((*stages[stage], *run_wide))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -205,7 +245,15 @@ def check_quantizer_order(tokenizer: TokenizerConfig, decompose: DecomposeConfig
         )
 
 
+def check_ranges(section: Any) -> None:
+    """Refuse a config section (or the RunConfig) with a setting outside its range."""
+    problem = range_problem(section)
+    if problem:
+        raise ConfigError(problem)
+
+
 SECTIONS = ("data", "decompose", "tokenizer", "ar")
+NOT_IN_KEYS = ("name",)  # top-level settings that do not change a trained result
 
 
 # ----------------------------------------------------------------------------------- type checking
@@ -314,7 +362,7 @@ def load_preset(name: str, **overrides: Any) -> RunConfig:
 
 
 def save_config(cfg: RunConfig, path: str | Path) -> None:
-    Path(path).write_text(yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False))
+    atomic_write_bytes(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False).encode())
 
 
 def load_config(path: str | Path) -> RunConfig:

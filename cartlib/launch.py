@@ -6,9 +6,11 @@ A notebook never forks CUDA work itself. :func:`plan_ar` looks at the config and
 * ``launch`` — full-scale runs on a machine with GPUs: the config is written to the run
   directory and ``accelerate launch -m cartlib train-ar --config ...`` runs it; the notebook
   streams its output and reads the run directory back afterwards;
-* ``explain`` — a full-scale run on a machine without the GPUs it needs: the whole config is
-  validated (schedule, model size, data location, memory) and the notebook says what it would
-  need and the exact command to run elsewhere — never a crash, and never a silent tiny run.
+* ``explain`` — a full-scale run on a machine without the GPUs it needs (or data that is not
+  here): the whole config is validated (schedule, model size, data location, memory) and
+  :func:`explain_and_stop` prints what it would need and the exact command to run elsewhere, then
+  raises :class:`NothingTrainedError` — never a silent tiny run, and never a success exit code
+  (papermill, ``python -m cartlib train-ar``) for a run that trained nothing.
 """
 
 from __future__ import annotations
@@ -30,6 +32,10 @@ from cartlib.model import build_model
 FULL_SCALE_DEPTH = 12
 FULL_SCALE_RESOLUTION = 128
 DEPTH_PRESETS = (16, 20, 24, 30)
+
+
+class NothingTrainedError(RuntimeError):
+    """A training that was asked for cannot run here; the explanation was printed before."""
 
 
 @dataclass
@@ -166,3 +172,19 @@ def launch(plan: Plan, cfg: RunConfig, run_dir: str | Path) -> int:
     for line in proc.stdout:
         sys.stdout.write(line)
     return proc.wait()
+
+
+def explain(plan: Plan) -> None:
+    """Print why ``plan`` cannot train here and how to run it elsewhere."""
+    print("Not training here. What it needs:\n- " + "\n- ".join(plan.problems))
+    print(f"\nOn a machine that has it:\n  {plan.command}", flush=True)
+
+
+def explain_and_stop(plan: Plan) -> None:
+    """:func:`explain`, then raise :class:`NothingTrainedError` so that the notebook run
+    (papermill) fails instead of reporting success for a run that trained nothing."""
+    explain(plan)
+    raise NothingTrainedError(
+        f"nothing was trained ({len(plan.problems)} problem(s), printed above): "
+        + "; ".join(plan.problems)
+    )

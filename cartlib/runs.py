@@ -2,6 +2,10 @@
 settings is there, else produced (resuming a partial one) — so every notebook runs on its own and
 the series also chains.
 
+Each stage holds the lock of its folder while it checks and writes it (:func:`stage_lock`; the
+training loop takes the same lock), so two notebooks or scripts that need the same artifact in one
+run directory do not both produce it: the second waits (saying who holds it), then loads it.
+
 A run directory holds ``config.yaml``, checkpoints (written atomically: temp file + rename),
 ``results.json`` and figures; the ground-floor helpers for them live in :mod:`cartlib.io` and are
 re-exported here (``runs.save_results``, ``runs.resolve_run_dir``, ``runs.seed_everything``), the
@@ -10,6 +14,8 @@ names the notebooks use.
 
 from __future__ import annotations
 
+import contextlib
+import functools
 from pathlib import Path
 
 from accelerate import PartialState
@@ -19,6 +25,7 @@ from cartlib.data import load_dataset_from_config
 from cartlib.io import (  # noqa: F401  (re-exported for notebooks)
     atomic_torch_save,
     cache_dir,
+    dir_lock,
     load_checkpoint,
     project_root,
     resolve_run_dir,
@@ -28,10 +35,29 @@ from cartlib.io import (  # noqa: F401  (re-exported for notebooks)
 
 
 def _finished(folder: Path, steps: int) -> bool:
-    ckpt = folder / train.CKPT_NAME
-    return ckpt.exists() and load_checkpoint(ckpt)["step"] >= steps
+    found = train.load_latest(folder)
+    return found is not None and found[0]["step"] >= steps
 
 
+def stage_lock(folder_of):
+    """Decorate ``ensure_x(cfg, run_dir, ...)`` to run holding the lock of the stage folder
+    ``folder_of(run_dir, cfg)`` (only the main process takes it under a launcher: the others
+    write nothing)."""
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def locked(cfg, run_dir, *args, **kwargs):
+            folder = folder_of(resolve_run_dir(run_dir), cfg)
+            main = PartialState().is_main_process
+            with dir_lock(folder, fn.__name__) if main else contextlib.nullcontext():
+                return fn(cfg, run_dir, *args, **kwargs)
+
+        return locked
+
+    return wrap
+
+
+@stage_lock(train.tokenizer_dir)
 def ensure_tokenizer(cfg, run_dir, progress: bool = True):
     """The trained tokenizer of ``cfg`` in ``run_dir``: loaded when a finished one with the same
     data/decomposition/tokenizer settings is there, else trained (resuming a partial run)."""
@@ -43,6 +69,7 @@ def ensure_tokenizer(cfg, run_dir, progress: bool = True):
     return tok
 
 
+@stage_lock(train.tokenizer_dir)
 def ensure_tokens(cfg, run_dir, tokenizer, split: str = "train", progress: bool = True):
     """Token maps of a data split, extracted once with ``tokenizer`` and cached next to it.
     -> (tokens list of (N,h_k,w_k), labels (N,), num_classes)"""
@@ -61,6 +88,7 @@ def _extract_tokens(cfg, tokenizer, split, path, progress):
     atomic_torch_save({"tokens": tokens, "labels": labels, "num_classes": num_classes}, path)
 
 
+@stage_lock(train.ar_dir)
 def ensure_ar(cfg, run_dir, progress: bool = True):
     """(tokenizer, transformer) of ``cfg``: each loaded if finished, else trained."""
     tok = ensure_tokenizer(cfg, run_dir, progress)

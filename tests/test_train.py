@@ -88,12 +88,18 @@ def test_killed_tokenizer_run_resumes_with_identical_next_step_loss(tmp_path):
         assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
 
 
-def test_half_written_checkpoint_is_reported_not_loaded(tmp_path):
+def test_half_written_checkpoint_is_reported_and_the_previous_one_used(tmp_path):
     cfg = tiny_cfg(steps=4, ckpt_every=2)
     train.train_tokenizer(cfg, tmp_path, progress=False, data=tiny_data())
-    ckpt = train.tokenizer_dir(tmp_path, cfg) / train.CKPT_NAME
+    folder = train.tokenizer_dir(tmp_path, cfg)
+    ckpt = folder / train.CKPT_NAME  # a link to step-00000004.pt
     ckpt.write_bytes(ckpt.read_bytes()[:1000])
-    with pytest.raises(RuntimeError, match="incomplete"):
+    with pytest.warns(UserWarning, match=r"step-00000004\.pt is unusable.*truncated.*\(step 2\)"):
+        _, hist = train.train_tokenizer(cfg, tmp_path, progress=False, data=tiny_data())
+    assert [h["step"] for h in hist] == [0, 1, 2, 3]  # steps 2, 3 trained again
+    for p in folder.glob("step-*.pt"):
+        p.write_bytes(p.read_bytes()[:1000])
+    with pytest.raises(RuntimeError, match="no usable checkpoint.*step-00000002.pt"):
         train.train_tokenizer(cfg, tmp_path, progress=False, data=tiny_data())
 
 

@@ -6,6 +6,7 @@ Held as uint8 (N, C, h, w); see :mod:`cartlib.data` for where each comes from.
 from __future__ import annotations
 
 import gzip
+import hashlib
 import os
 import pickle
 import struct
@@ -63,6 +64,10 @@ class ArrayDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.labels)
+
+    def content_signature(self, n: int) -> str:
+        """sha256 of the pixels of the first ``n`` items (keys the decomposition cache)."""
+        return hashlib.sha256(self.images[:n].contiguous().numpy()).hexdigest()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         x = self.images[i]  # (C, h, w) uint8

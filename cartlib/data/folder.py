@@ -1,6 +1,9 @@
 """Image folders (ImageNet, OpenImages, your own): ``root/<class>/<image>``, decoded per access.
 
-See :mod:`cartlib.data` for the split rules and the bad-file policy.
+See :mod:`cartlib.data` for the split rules and the bad-file policy. A class folder that holds no
+image file (in any split) is not a class: it is left out with a warning naming it, so labels and
+the class count are those of the data. A split whose every file is unreadable is an error under
+either policy.
 """
 
 from __future__ import annotations
@@ -57,10 +60,28 @@ def _hash(text: str) -> bytes:
     return hashlib.sha1(text.encode()).digest()
 
 
+def _has_image(folder: Path) -> bool:
+    for _, _, names in os.walk(folder, followlinks=True):
+        if any(Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in names):
+            return True
+    return False
+
+
 def _class_names(root: Path, present: list[Path]) -> list[str]:
-    """Sorted class folder names of an ImageFolder tree (across its split folders, if any)."""
-    is_class = lambda d: d.is_dir() and not d.name.startswith(".")
-    return sorted({d.name for t in present or [root] for d in t.iterdir() if is_class(d)})
+    """Sorted class folder names of an ImageFolder tree (across its split folders, if any). A
+    folder without an image file in any split is not a class (a warning names it): it would
+    be a label that no image carries, and a class count that is not the data's."""
+    folders = [d for t in present or [root] for d in t.iterdir() if d.is_dir()]
+    folders = [d for d in folders if not d.name.startswith(".")]
+    classes = {d.name for d in folders if _has_image(d)}
+    empty = sorted({d.name for d in folders} - classes)
+    if empty:
+        warnings.warn(
+            f"{root}: class folder(s) without images are not classes: {', '.join(empty[:10])}"
+            f"{' ...' if len(empty) > 10 else ''} ({len(classes)} classes remain)",
+            stacklevel=2,
+        )
+    return sorted(classes)
 
 
 def imagefolder_num_classes(root: str | os.PathLike) -> int:
@@ -112,6 +133,16 @@ class ImageFolderDataset(Dataset):
 
     def __len__(self) -> int:
         return len(self.files)
+
+    def content_signature(self, n: int) -> str:
+        """sha1 of the path, size and mtime_ns of every file (keys the decomposition cache: an
+        image edited, replaced or touched since changes it). ``n`` is ignored: a bad file's item
+        is decoded from the next file, so any file may stand in for one of the first n."""
+        h = hashlib.sha1()
+        for p in self.files:
+            st = os.stat(p)
+            h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+        return h.hexdigest()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         for j in range(len(self.files)):
@@ -175,6 +206,12 @@ def imagefolder(split, resolution, root, limit, bad_files, download, progress):
         raise BadFileError(
             f"{len(bad)} unreadable image file(s) under {root}: {names}. Repair or "
             "remove them, or set bad_files='skip' to skip such files"
+        )
+    if not good:
+        raise BadFileError(
+            f"none of the {len(bad)} image file(s) for split={split!r} under {root} can be "
+            f"read: {names}. Skipping them (bad_files='skip') leaves no images: repair or "
+            "replace them"
         )
     if bad:
         warnings.warn(

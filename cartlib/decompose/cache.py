@@ -15,9 +15,15 @@ Design decisions:
   1/255 = 3.9e-3); float16 rounds values in [0, 1] by at most 2.4e-4, and a detail D_k
   recomputed from two stored bases is off by at most 4.9e-4 (rms ~1e-4, tested). Grey datasets
   (all channels equal, e.g. Fashion-MNIST) store one channel, 3x smaller, expanded on read.
-- Files are written atomically (temp file + rename). A file that cannot be read (truncated,
-  corrupt, written by another version) or that does not match the dataset (a fingerprint of a few
-  images is stored and checked) is recomputed, with a warning that names the file and the reason.
+- The file also stores the content signature of the data it covers (the dataset's
+  ``content_signature(n)``: size and mtime_ns of every file of an image folder, a hash of an
+  in-memory dataset's pixels) and a fingerprint of a few images. A file whose signature or
+  fingerprint differs from the dataset's now (an image was edited, replaced or added), or that
+  cannot be read (truncated, corrupt, written by another version), is recomputed with a warning
+  that names the file and the reason.
+- Files are written atomically (temp file + rename) under a lock of their own
+  (``.<file>.lock``), so two processes that need the same decomposition compute it once: the
+  second waits, then reads the first one's file. Reading a usable file takes no lock.
 """
 
 from __future__ import annotations
@@ -34,9 +40,9 @@ from tqdm.auto import tqdm
 
 from cartlib.decompose.hierarchy import base_detail
 from cartlib.decompose.mumford_shah import SOLVER_VERSION, check_params
-from cartlib.io import atomic_torch_save, cache_dir
+from cartlib.io import atomic_torch_save, cache_dir, file_lock
 
-CACHE_FORMAT = 1  # layout of the cache file
+CACHE_FORMAT = 2  # layout of the cache file (2: with the content signature)
 N_FINGERPRINT = 4  # images stored in the file to check it belongs to the dataset
 
 
@@ -79,6 +85,13 @@ def _fingerprint(dataset, n: int) -> torch.Tensor:
     return torch.stack([dataset[i][0] for i in _fingerprint_ids(n)]).half()
 
 
+def content_signature(dataset, n: int) -> str | None:
+    """The dataset's signature of the content of its first ``n`` items, None if it has none
+    (then only the fingerprint images are checked)."""
+    sign = getattr(dataset, "content_signature", None)
+    return sign(n) if sign is not None else None
+
+
 def _compute(dataset, n, order, at_params, batch_size, device, progress) -> torch.Tensor:
     """The bases of items 0..n-1 as float16 (n, order, C, H, W), C = 1 when all are grey."""
     chunks, grey = [], True
@@ -96,25 +109,27 @@ def _compute(dataset, n, order, at_params, batch_size, device, progress) -> torc
     return bases[:, :, :1].clone() if grey else bases
 
 
-def _load(path: Path, key: dict, expect: torch.Tensor) -> torch.Tensor | None:
+def _load(path: Path, key: dict, expect: torch.Tensor, content: str | None):
     """The cached bases, or None (with a warning saying why) when the file is unusable."""
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # truncated zip, unpickling error, EOF, ...: all mean "unreadable"
         reason = f"it cannot be read ({type(e).__name__}: {str(e)[:120]})"
     else:
-        reason = _mismatch(obj, key, expect)
+        reason = _mismatch(obj, key, expect, content)
         if reason is None:
             return obj["bases"]
     warnings.warn(f"decomposition cache {path} is unusable: {reason}; recomputing it", stacklevel=3)
     return None
 
 
-def _mismatch(obj, key: dict, expect: torch.Tensor) -> str | None:
-    if not isinstance(obj, dict) or not {"key", "bases", "fingerprint"} <= obj.keys():
+def _mismatch(obj, key: dict, expect: torch.Tensor, content: str | None) -> str | None:
+    if not isinstance(obj, dict) or not {"key", "bases", "fingerprint", "content"} <= obj.keys():
         return "it is not a decomposition cache file"
     if obj["key"] != key:
         return "it was written for other settings"
+    if obj["content"] != content:
+        return "the images it covers changed since it was written (their content signature differs)"
     bases, fp = obj["bases"], obj["fingerprint"]
     if bases.dim() != 5 or bases.shape[1] != key["order"] or bases.dtype != torch.float16:
         return f"its bases have shape {tuple(bases.shape)} and dtype {bases.dtype}"
@@ -158,13 +173,30 @@ def decompose_dataset(
         c, h, w = dataset[0][0].shape if n else (3, 0, 0)
         return torch.zeros(n, 0, c, h, w, dtype=torch.float16)
     at_params = {"alpha": alpha, "lam": lam, "eps": eps, **solver}
-    path, fingerprint = cache_path(key), _fingerprint(dataset, n)
-    bases = _load(path, key, fingerprint) if cache and path.exists() else None
-    if bases is None:
+    fingerprint = _fingerprint(dataset, n)
+    if not cache:
         bases = _compute(dataset, n, order, at_params, batch_size, device, progress)
-        if cache:
-            atomic_torch_save({"key": key, "bases": bases, "fingerprint": fingerprint}, path)
+        return bases.expand(-1, -1, fingerprint.shape[1], -1, -1)
+    path, content = cache_path(key), content_signature(dataset, n)
+    seen = _stat(path)
+    bases = _load(path, key, fingerprint, content) if seen else None  # readers take no lock
+    if bases is None:
+        with file_lock(path.with_name(f".{path.name}.lock"), f"decomposing {key['dataset']}"):
+            if _stat(path) not in (seen, None):  # written by another process while we waited
+                bases = _load(path, key, fingerprint, content)
+            if bases is None:
+                bases = _compute(dataset, n, order, at_params, batch_size, device, progress)
+                blob = {"key": key, "bases": bases, "fingerprint": fingerprint, "content": content}
+                atomic_torch_save(blob, path)
     return bases.expand(-1, -1, fingerprint.shape[1], -1, -1)
+
+
+def _stat(path: Path) -> tuple[int, int, int] | None:
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
 
 
 class DecomposedDataset(Dataset):

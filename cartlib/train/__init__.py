@@ -2,6 +2,7 @@
 next-detail transformer (``ar``). ``from cartlib import train`` gives all of them."""
 
 from cartlib.train.ar import ar_dir, ar_loss, extract_tokens, load_ar, train_ar
+from cartlib.train.checkpoints import load_latest
 from cartlib.train.loop import (
     CKPT_NAME,
     StepBatches,
@@ -31,6 +32,7 @@ __all__ = [
     "extract_tokens",
     "load_ar",
     "load_checkpoint",
+    "load_latest",
     "load_stage",
     "load_tokenizer",
     "lr_lambda",

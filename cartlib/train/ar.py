@@ -49,8 +49,9 @@ def ar_loss(logits: torch.Tensor, targets: torch.Tensor, level_ids: torch.Tensor
 
 
 def ar_dir(run_dir: str | Path, cfg) -> Path:
-    """``ar-d<depth>-<quantizer>-o<order>-<hash>``: keyed by everything the transformer sees."""
-    h = cfg.digest((*cfg.tokenizer_sections(), "ar"))
+    """``ar-d<depth>-<quantizer>-o<order>-<hash>``: keyed by every setting the transformer
+    depends on (:meth:`RunConfig.artifact_key`: its tokenizer's, precision, process count)."""
+    h = cfg.artifact_key("ar")
     return Path(run_dir) / f"ar-d{cfg.ar.depth}-{cfg.tokenizer.quantizer}-o{cfg.order}-{h}"
 
 

@@ -6,14 +6,18 @@ One loop (:func:`run_loop`) serves both: in-process on a CPU for smoke runs, and
 * exact resume: the batch of step s is a pure function of (seed, s) (:class:`StepBatches`) and
   the checkpoint holds model, optimizer, scheduler and RNG states, so a run killed after step s and
   resumed computes the same step s+1 as one that never stopped;
-* atomic checkpoints (``last.pt`` written through a temp file and a rename) every ``ckpt_every``
-  steps and at the end;
+* checkpoints every ``ckpt_every`` steps and at the end, the last two kept with their sha256
+  (:mod:`cartlib.train.checkpoints`): a corrupt newest one is skipped with a warning;
+* one writer per stage folder: the main process holds its lock (:func:`cartlib.io.dir_lock`)
+  from resume to the last save, so a second process training the same stage waits for it (and
+  then resumes the finished checkpoint) instead of interleaving its saves;
 * a clear error on a non-finite loss that names the step and the last good checkpoint;
 * loss curves in ``<dir>/history.json`` and a tqdm progress bar (``progress=False`` in tests).
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,9 +34,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from cartlib.config import load_config
-from cartlib.io import atomic_torch_save, atomic_write_bytes, load_checkpoint
-
-CKPT_NAME = "last.pt"
+from cartlib.io import atomic_write_bytes, dir_lock, load_checkpoint  # noqa: F401 (re-exported)
+from cartlib.train.checkpoints import CKPT_NAME, KEEP, load_latest, save_checkpoint
 
 
 # ------------------------------------------------------------------------------------- accelerate
@@ -115,6 +118,22 @@ def lr_lambda(warmup: int, total: int, final: float = 0.1) -> Callable[[int], fl
     return f
 
 
+def _resume(ckpt_dir: Path, accelerator, modules, optimizers, schedulers):
+    """(start step, history) after loading the newest usable checkpoint of ``ckpt_dir``."""
+    found = load_latest(ckpt_dir)
+    if found is None:
+        return 0, []
+    state, _ = found
+    for name, mod in modules.items():
+        accelerator.unwrap_model(mod).load_state_dict(state["modules"][name])
+    for name, opt in optimizers.items():
+        opt.load_state_dict(state["optimizers"][name])
+    for name, sch in schedulers.items():
+        sch.load_state_dict(state["schedulers"][name])
+    set_rng_state(state["rng"])
+    return state["step"], state["history"]
+
+
 def run_loop(
     *,
     accelerator,
@@ -129,31 +148,25 @@ def run_loop(
     stop_after: int | None = None,
     progress: bool = True,
     desc: str = "train",
+    keep: int = KEEP,
 ) -> list[dict[str, float]]:
     """Run ``step_fn(step)`` for steps [resume point, total_steps); return the loss history.
 
     ``stop_after`` ends the loop early after that many steps (checkpointing first): used to
-    simulate a kill in tests and to train in slices from a notebook."""
+    simulate a kill in tests and to train in slices from a notebook. ``keep`` checkpoints are
+    kept."""
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / CKPT_NAME
-    start, history = 0, []
-    if path.exists():
-        state = load_checkpoint(path)
-        for name, mod in modules.items():
-            accelerator.unwrap_model(mod).load_state_dict(state["modules"][name])
-        for name, opt in optimizers.items():
-            opt.load_state_dict(state["optimizers"][name])
-        for name, sch in schedulers.items():
-            sch.load_state_dict(state["schedulers"][name])
-        set_rng_state(state["rng"])
-        start, history = state["step"], state["history"]
-    end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+    main = accelerator.is_main_process
+    with dir_lock(ckpt_dir, f"training {desc}") if main else contextlib.nullcontext():
+        accelerator.wait_for_everyone()  # the others resume once the main process holds the lock
+        start, history = _resume(ckpt_dir, accelerator, modules, optimizers, schedulers)
+        end = total_steps if stop_after is None else min(total_steps, start + stop_after)
 
-    def save(step: int) -> None:
-        if not accelerator.is_main_process:
-            return
-        atomic_torch_save(
-            {
+        def save(step: int) -> None:
+            if not main:
+                return
+            state = {
                 "step": step,
                 "modules": {
                     n: accelerator.unwrap_model(m).state_dict() for n, m in modules.items()
@@ -163,41 +176,41 @@ def run_loop(
                 "rng": rng_state(),
                 "history": history,
                 **(extra_state() if extra_state else {}),
-            },
-            path,
-        )
-        atomic_write_bytes(ckpt_dir / "history.json", json.dumps(history).encode())
+            }
+            save_checkpoint(ckpt_dir, state, keep)
+            atomic_write_bytes(ckpt_dir / "history.json", json.dumps(history).encode())
 
-    bar = tqdm(
-        range(start, end),
-        desc=desc,
-        disable=not progress or not accelerator.is_main_process,
-        initial=start,
-        total=total_steps,
-        mininterval=1.0,  # a notebook widget update is an iopub message: keep them few (nbval)
-    )
-    for step in bar:
-        logs = step_fn(step)
-        bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
-        if bad:
-            last = (
-                f"the last good checkpoint (step {start}) is {path}"
-                if path.exists()
-                else ("no checkpoint was written yet")
-            )
-            raise FloatingPointError(
-                f"{desc}: non-finite loss at step {step}: {bad}; {last}. Lower the learning "
-                "rate, set mixed_precision='no', or check the input data for NaNs"
-            )
-        history.append({"step": step, **logs})
-        bar.set_postfix(
-            {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "rec", "acc")}, refresh=False
+        bar = tqdm(
+            range(start, end),
+            desc=desc,
+            disable=not progress or not main,
+            initial=start,
+            total=total_steps,
+            mininterval=1.0,  # a notebook widget update is an iopub message: keep them few (nbval)
         )
-        if (step + 1) % ckpt_every == 0 or step + 1 == end:
-            save(step + 1)
-            start = step + 1
-    if end == start and not path.exists():
-        save(end)
+        for step in bar:
+            logs = step_fn(step)
+            bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
+            if bad:
+                last = (
+                    f"the last good checkpoint (step {start}) is {path}"
+                    if path.exists()
+                    else ("no checkpoint was written yet")
+                )
+                raise FloatingPointError(
+                    f"{desc}: non-finite loss at step {step}: {bad}; {last}. Lower the learning "
+                    "rate, set mixed_precision='no', or check the input data for NaNs"
+                )
+            history.append({"step": step, **logs})
+            bar.set_postfix(
+                {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "rec", "acc")},
+                refresh=False,
+            )
+            if (step + 1) % ckpt_every == 0 or step + 1 == end:
+                save(step + 1)
+                start = step + 1
+        if end == start and not path.exists():
+            save(end)
     return history
 
 
@@ -218,7 +231,10 @@ def load_stage(path: str | Path, module: str, how: str, extra: tuple[str, ...] =
     """(config, state dict of ``module``) of a finished stage folder; a missing file is an error
     that says how to produce it (``how``)."""
     path = Path(path)
-    for need in ("config.yaml", CKPT_NAME, *extra):
+    for need in ("config.yaml", *extra):
         if not (path / need).exists():
             raise FileNotFoundError(f"{path / need} is missing: train it first ({how})")
-    return load_config(path / "config.yaml"), load_checkpoint(path / CKPT_NAME)["modules"][module]
+    found = load_latest(path)
+    if found is None:
+        raise FileNotFoundError(f"{path / CKPT_NAME} is missing: train it first ({how})")
+    return load_config(path / "config.yaml"), found[0]["modules"][module]

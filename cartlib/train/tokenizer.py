@@ -59,8 +59,9 @@ def tokenizer_training_data(cfg, split: str = "train", progress: bool = True):
 
 def tokenizer_dir(run_dir: str | Path, cfg) -> Path:
     """``tokenizer-<quantizer>-o<order>-<hash of its settings>``: one folder per distinct
-    tokenizer, so notebooks can compare several and a changed setting never reuses a stale one."""
-    key = cfg.digest(cfg.tokenizer_sections())
+    tokenizer (:meth:`RunConfig.artifact_key`: precision and process count included), so
+    notebooks can compare several and a changed setting never reuses a stale one."""
+    key = cfg.artifact_key("tokenizer")
     return Path(run_dir) / f"tokenizer-{cfg.tokenizer.quantizer}-o{cfg.order}-{key}"
 
 

@@ -1,0 +1,112 @@
+"""Checkpoints of a training stage: the last ``keep`` kept, each with its sha256 in a manifest.
+
+A stage folder holds ``step-<step>.pt`` files, ``checkpoints.json`` (newest first: file, step,
+sha256, bytes) and ``last.pt``, a relative symlink to the newest, which is what readers outside
+the loop open. A save writes the new file (temp file, fsync, rename), then the manifest (atomic),
+then swings ``last.pt`` (atomic), then deletes the files the manifest no longer lists; a crash at
+any point leaves every listed file complete and ``last.pt`` pointing at one of them.
+
+Loading (:func:`load_latest`) checks each listed file's sha256 before unpickling it, newest
+first: a truncated file, a bit flip in the weights or a missing file is skipped with a warning
+that names it and says which checkpoint is used instead; when none is usable the error lists why.
+A folder without a manifest (written before it existed) is read from ``last.pt`` unchecked.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from pathlib import Path
+from typing import Any
+
+from cartlib.io import (
+    atomic_symlink,
+    atomic_torch_save,
+    atomic_write_bytes,
+    load_checkpoint,
+    sha256_file,
+)
+
+CKPT_NAME = "last.pt"
+MANIFEST = "checkpoints.json"
+KEEP = 2  # checkpoints kept: a corrupt newest one costs ckpt_every steps, not the stage
+
+
+def read_manifest(folder: Path) -> list[dict[str, Any]] | None:
+    """The manifest's entries (newest first), or None when the folder has none."""
+    path = folder / MANIFEST
+    if not path.exists():
+        return None
+    try:
+        return json.loads(path.read_text())["checkpoints"]
+    except (ValueError, KeyError) as e:
+        raise RuntimeError(
+            f"{path} cannot be read ({type(e).__name__}: {e}); move the folder away to start "
+            "this stage afresh"
+        ) from e
+
+
+def save_checkpoint(folder: str | Path, state: dict[str, Any], keep: int = KEEP) -> Path:
+    """Write ``state`` (holding its ``step``) as the newest checkpoint of ``folder``; keep the
+    newest ``keep`` and their checksums. Returns the new file's path."""
+    folder = Path(folder)
+    name = f"step-{state['step']:08d}.pt"
+    sha = atomic_torch_save(state, folder / name)
+    entry = {
+        "file": name,
+        "step": state["step"],
+        "sha256": sha,
+        "bytes": (folder / name).stat().st_size,
+    }
+    old = [e for e in read_manifest(folder) or [] if e["file"] != name]
+    entries = [entry, *old][:keep]
+    atomic_write_bytes(folder / MANIFEST, json.dumps({"checkpoints": entries}, indent=1).encode())
+    atomic_symlink(name, folder / CKPT_NAME)
+    kept = {e["file"] for e in entries}
+    for p in folder.glob("step-*.pt"):
+        if p.name not in kept:
+            p.unlink(missing_ok=True)
+    return folder / name
+
+
+def _problem(path: Path, entry: dict[str, Any]) -> str | None:
+    """Why the file of manifest ``entry`` is unusable, or None."""
+    if not path.is_file():
+        return "it is missing"
+    size = path.stat().st_size
+    if size != entry["bytes"]:
+        return f"it has {size} bytes, {entry['bytes']} were written (truncated or overwritten)"
+    if sha256_file(path) != entry["sha256"]:
+        return f"its sha256 differs from the one in {MANIFEST} (corrupted on disk)"
+    return None
+
+
+def load_latest(folder: str | Path) -> tuple[dict[str, Any], Path] | None:
+    """(state, path) of the newest usable checkpoint of ``folder``, or None when it has none;
+    see the module docstring for checks and fallback."""
+    folder = Path(folder)
+    entries = read_manifest(folder)
+    if entries is None:
+        last = folder / CKPT_NAME
+        return (load_checkpoint(last), last) if last.exists() else None
+    bad = []
+    for entry in entries:
+        path = folder / entry["file"]
+        reason = _problem(path, entry)
+        if reason is None:
+            try:
+                state = load_checkpoint(path)
+            except RuntimeError as e:
+                reason = str(e.__cause__ or e)
+            else:
+                if bad:
+                    warnings.warn(
+                        f"{'; '.join(bad)}; using {path} (step {entry['step']}) instead",
+                        stacklevel=2,
+                    )
+                return state, path
+        bad.append(f"checkpoint {path} is unusable: {reason}")
+    raise RuntimeError(
+        f"no usable checkpoint in {folder}: {'; '.join(bad) or 'the manifest lists none'}. "
+        "Move the folder away to start this stage afresh, or restore a copy"
+    )
