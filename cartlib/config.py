@@ -153,6 +153,7 @@ class SampleConfig:
             "top_k": self.top_k,
             "top_p": self.top_p,
             "temperature": self.temperature,
+            "rejection": self.rejection,
         }
 
 
