@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import hashlib
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -298,10 +299,12 @@ def frechet_distance(mu1, sigma1, mu2, sigma2, eps: float = 1e-6) -> float:
             f"statistics of different sizes: mu {mu1.shape} vs {mu2.shape}, sigma "
             f"{sigma1.shape} vs {sigma2.shape} (both must be 2048-d pool3 features)"
         )
-    covmean, _ = linalg.sqrtm(sigma1.dot(sigma2), disp=False)
-    if not np.isfinite(covmean).all():
-        offset = np.eye(sigma1.shape[0]) * eps
-        covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
+    with warnings.catch_warnings():  # "singular matrix": handled below, as ADM does
+        warnings.simplefilter("ignore")
+        covmean = linalg.sqrtm(sigma1.dot(sigma2))
+        if not np.isfinite(covmean).all():
+            offset = np.eye(sigma1.shape[0]) * eps
+            covmean = linalg.sqrtm((sigma1 + offset).dot(sigma2 + offset))
     covmean = covmean.real  # imaginary parts are numerical noise (ADM checks they are < 1e-3)
     diff = mu1 - mu2
     return float(diff.dot(diff) + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))

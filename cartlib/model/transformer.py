@@ -48,6 +48,8 @@ MAX_LOG_SCALE = math.log(100.0)  # VAR's cap on the per-head scale of L2-normali
 
 
 class SelfAttention(nn.Module):
+    cpu_bf16_explicit = True  # CPU under bf16 autocast: explicit product instead of SDPA
+
     def __init__(self, width: int, heads: int, dropout: float = 0.0, l2_norm: bool = False):
         super().__init__()
         if width % heads:
@@ -85,7 +87,8 @@ class SelfAttention(nn.Module):
             cache["k"], cache["v"] = k, v
         # On CPUs under bf16 autocast the explicit product is ~1.4x faster per training step than
         # the fused kernel (benchmarks/bench_ar.py); elsewhere SDPA (flash/memory-efficient).
-        explicit = self.store_attn or (q.device.type == "cpu" and q.dtype == torch.bfloat16)
+        cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
+        explicit = self.store_attn or (self.cpu_bf16_explicit and cpu_bf16)
         if explicit:
             scores = (q * scale) @ k.transpose(-2, -1)
             if mask is not None:  # additive -inf bias: cheaper than masked_fill, same result
