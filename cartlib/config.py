@@ -1,7 +1,7 @@
 """Configuration: dataclass sections, named presets, type checking, and the values they imply.
 
 A run is described by one :class:`RunConfig` made of sections (``data``, ``decompose``,
-``tokenizer``, ``ar``). The dataclass defaults are the *smoke* scale; a preset
+``tokenizer``, ``ar``, ``sample``). The dataclass defaults are the *smoke* scale; a preset
 (``cartlib/presets/<name>.yaml``) is a small file that overrides some of them, optionally on top of
 another preset (``base: tiny``). Every override is type-checked against the default it replaces,
 and unknown names are refused with the closest valid name, so a typo never silently becomes a
@@ -94,6 +94,8 @@ class TokenizerConfig:
     dead_code_every: int = 50  # restart unused codes every N steps (0 = never)
     ckpt_every: int = 100
     seed: int = 0
+    arch: str = "cartlib"  # cartlib (small, one ResBlock per level) | var (VAR's VQ-VAE layout,
+    # loads vae_ch160v4096z32.pth: 2 ResBlocks per level, attention, quant_conv; channels % 32 == 0)
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -115,6 +117,26 @@ class ARConfig:
     grad_clip: float = 2.0
     ckpt_every: int = 100
     seed: int = 0
+    # VAR's transformer and schedule details (Tian et al. 2024, models/var.py, train.py). The
+    # defaults are the plain model the smoke/tiny presets were tuned with; the full-scale presets
+    # set them as VAR's training scripts do.
+    attn_l2_norm: bool = False  # attention on L2-normalised q, k times a learned per-head scale
+    drop_path: float | None = 0.0  # stochastic depth of the last block (linear from 0 at the
+    # first); None = VAR's rule 0.1 * depth / 24
+    shared_adaln: bool = False  # one adaLN projection for all blocks + a per-block offset (d36-s)
+    init_adaln: float = 0.0  # adaLN shift/scale weights x this at init (VAR: 0.5; 0 = adaLN-Zero)
+    init_adaln_gamma: float = 0.0  # adaLN gate weights x this at init (VAR: 1e-3 .. 5e-6)
+    init_head: float = 0.1  # output head weights x this at init (VAR: 0.02)
+    init_residual_scale: bool = False  # attn.proj, MLP fc2 weights / sqrt(2 depth) at init (VAR)
+    lr_schedule: str = "cosine"  # cosine | lin0 (VAR: flat for 5% after warm-up, then linear)
+    lr_end: float = 0.1  # final lr / peak lr (VAR's wpe: 0.1 for d16/d20, 0.01 for d24/d30)
+    weight_decay_end: float | None = None  # None = constant; else cosine from weight_decay to
+    # this over the run (VAR's twde: 0.08 for d30 and d36)
+
+    @property
+    def drop_path_rate(self) -> float:
+        """Stochastic depth of the last block: ``drop_path``, or VAR's rule 0.1 * depth / 24."""
+        return 0.1 * self.depth / 24 if self.drop_path is None else self.drop_path
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -137,6 +159,33 @@ class ARConfig:
 
 
 @dataclass
+class SampleConfig:
+    """Sampling defaults of a run (what its FID sample sets use); notebook 05 takes its own."""
+
+    guidance: float = 2.0  # classifier-free guidance t (0 = off); paper/VAR FID: 1.5
+    cfg_schedule: str = "linear"  # linear (VAR's ramp t * m / (M - 1)) | constant
+    top_k: int = 0  # 0 = off; VAR's FID setting: 900 (of V = 4096)
+    top_p: float = 1.0  # 1 = off; VAR's FID setting: 0.96
+    temperature: float = 1.0
+    rejection: int = 1  # candidates drawn per kept image (1 = off); the paper's "-re" rows
+    per_class: int = 50  # images per class of an FID sample set (paper/VAR: 50 x 1000 classes)
+
+    def generate_kwargs(self) -> dict[str, Any]:
+        """The keyword arguments of ``cartlib.sample.generate`` these defaults stand for."""
+        return {
+            "cfg": self.guidance,
+            "cfg_schedule": self.cfg_schedule,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "temperature": self.temperature,
+            "rejection": self.rejection,
+        }
+
+    def __post_init__(self) -> None:
+        check_ranges(self)
+
+
+@dataclass
 class RunConfig:
     name: str = "smoke"
     data: DataConfig = field(default_factory=DataConfig)
@@ -145,6 +194,7 @@ class RunConfig:
     ar: ARConfig = field(default_factory=ARConfig)
     mixed_precision: str = "no"  # no | bf16 | fp16  (bf16 pays on CPUs with avx512_bf16 too)
     num_processes: int = 1
+    sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -252,7 +302,7 @@ def check_ranges(section: Any) -> None:
         raise ConfigError(problem)
 
 
-SECTIONS = ("data", "decompose", "tokenizer", "ar")
+SECTIONS = ("data", "decompose", "tokenizer", "ar", "sample")
 NOT_IN_KEYS = ("name",)  # top-level settings that do not change a trained result
 
 

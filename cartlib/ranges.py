@@ -74,16 +74,30 @@ RANGES: dict[str, dict[str, Range]] = {
         **dict.fromkeys(("dropout", "cond_drop"), PROBABILITY),
         **dict.fromkeys(("weight_decay", "warmup", "seed"), NON_NEGATIVE),
         "ckpt_every": AT_LEAST_1,
+        "drop_path": PROBABILITY,
+        **dict.fromkeys(("init_adaln", "init_adaln_gamma", "init_head"), NON_NEGATIVE),
+        "lr_end": Range(0, 1),
+        "weight_decay_end": NON_NEGATIVE,
+    },
+    "sample": {
+        **dict.fromkeys(("guidance", "top_k", "temperature"), NON_NEGATIVE),
+        "top_p": Range(0, 1, lo_open=True),
+        **dict.fromkeys(("rejection", "per_class"), AT_LEAST_1),
     },
     "": {"num_processes": AT_LEAST_1},
 }
 CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "data": {"bad_files": ("error", "skip")},
-    "tokenizer": {"quantizer": ("vanilla", "multiscale", "base_detail")},
+    "tokenizer": {
+        "quantizer": ("vanilla", "multiscale", "base_detail"),
+        "arch": ("cartlib", "var"),
+    },
+    "ar": {"lr_schedule": ("cosine", "lin0")},
+    "sample": {"cfg_schedule": ("linear", "constant")},
     "": {"mixed_precision": ("no", "bf16", "fp16")},
 }
 SECTION_OF = {"DataConfig": "data", "DecomposeConfig": "decompose", "TokenizerConfig": "tokenizer",
-              "ARConfig": "ar", "RunConfig": ""}  # fmt: skip
+              "ARConfig": "ar", "SampleConfig": "sample", "RunConfig": ""}  # fmt: skip
 
 
 def range_problem(obj: Any) -> str | None:

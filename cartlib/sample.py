@@ -9,10 +9,20 @@ each detail step, the image with that detail added (``return_steps=True``).
 Classifier-free guidance runs the conditional and the null-class batch together:
 ``logits = (1 + t) * l_cond - t * l_null`` with t = ``cfg`` (``cfg_schedule="constant"``) or
 VAR's linear ramp t = cfg * m / (M - 1) (``"linear"``).
+
+Rejection sampling (the paper's and VAR's "-re" rows; neither says how, and VAR released no code
+for it): ``rejection = r`` draws r candidates per requested image and keeps the one a scorer
+ranks first — best-of-r, i.e. acceptance rate 1/r, as VQGAN, ViT-VQGAN and RQ-Transformer did
+with an ImageNet classifier. ``scorer(images, labels) -> (B,)`` plugs in such a classifier (e.g.
+the log-probability of the label under a ResNet); by default the transformer's own implicit
+classifier ranks them: log p(r_1..r_M | c) - log p(r_1..r_M | null) summed over all tokens, which
+is log p(c | x) - log p(c) by Bayes' rule, computed from the raw conditional and null-class
+logits of the sampling pass itself (no extra forward, no external weights).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -23,6 +33,7 @@ class Generation:
     images: torch.Tensor  # (B,3,H,W) in [0,1]
     tokens: list[torch.Tensor]  # r_1..r_M, each (B,h_k,w_k)
     steps: torch.Tensor | None  # (M,B,3,H,W) decoded after every step, if asked
+    log_ratio: torch.Tensor | None = None  # (B,) log p(tokens | c) - log p(tokens | null)
 
 
 def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> torch.Tensor:
@@ -56,7 +67,7 @@ def guidance(m: int, n_steps: int, cfg: float, schedule: str) -> float:
     raise ValueError(f"cfg_schedule={schedule!r}: choose 'linear' (VAR) or 'constant'")
 
 
-def _check_args(model, labels, cfg, top_k, top_p, temperature):
+def _check_args(model, labels, cfg, top_k, top_p, temperature, rejection=1):
     nc = model.num_classes
     if labels.min() < 0 or labels.max() > nc:
         raise ValueError(
@@ -68,6 +79,8 @@ def _check_args(model, labels, cfg, top_k, top_p, temperature):
         raise ValueError(
             f"top_k={top_k} must be >= 0, top_p={top_p} in (0, 1], temperature={temperature} >= 0"
         )
+    if rejection < 1:
+        raise ValueError(f"rejection={rejection} must be >= 1 (candidates per kept image)")
 
 
 @torch.no_grad()
@@ -83,43 +96,79 @@ def generate(
     seed: int | None = 0,
     return_steps: bool = False,
     prefix: list[torch.Tensor] | None = None,
+    rejection: int = 1,
+    scorer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
 ) -> Generation:
     """Class-conditional samples for ``labels`` (B,) (``model.num_classes`` = unconditional).
 
     ``prefix`` = given token maps r_1..r_k (e.g. a low-resolution image's base tokens for
-    super-resolution): they are fed instead of sampled. Same seed -> identical samples."""
+    super-resolution): they are fed instead of sampled. ``rejection`` > 1: best of that many
+    candidates per image by ``scorer`` (default: the implicit classifier, see the module doc);
+    the candidates are drawn as one batch of B x rejection. Same seed -> identical samples."""
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, device=device).long()
-    _check_args(model, labels, cfg, top_k, top_p, temperature)
+    _check_args(model, labels, cfg, top_k, top_p, temperature, rejection)
+    kw = dict(cfg=cfg, cfg_schedule=cfg_schedule, top_k=top_k, top_p=top_p)
+    kw.update(temperature=temperature, seed=seed, return_steps=return_steps)
+    if rejection == 1:
+        return _generate(model, tokenizer, labels, prefix=prefix, null=False, **kw)
+    b, r = len(labels), rejection
+    many = labels.repeat_interleave(r)
+    pre = None if prefix is None else [p.to(device).repeat_interleave(r, 0) for p in prefix]
+    cand = _generate(model, tokenizer, many, prefix=pre, null=scorer is None, **kw)
+    score = cand.log_ratio if scorer is None else scorer(cand.images, many).to(device)
+    keep = score.view(b, r).argmax(1) + torch.arange(b, device=device) * r  # (B,)
+    return Generation(
+        cand.images[keep],
+        [t[keep] for t in cand.tokens],
+        None if cand.steps is None else cand.steps[:, keep],
+        None if cand.log_ratio is None else cand.log_ratio[keep],
+    )
+
+
+def _generate(
+    model, tokenizer, labels, cfg, cfg_schedule, top_k, top_p, temperature, seed, return_steps,
+    prefix, null: bool,
+) -> Generation:  # fmt: skip
+    """One sampling pass; ``null``: also run the null class without guidance (for log_ratio)."""
+    device = labels.device
     model.eval()
     tokenizer.eval()
     q, sched = tokenizer.quantizer, model.schedule
     gen = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     b = len(labels)
-    use_cfg = cfg > 0
-    if use_cfg:
+    doubled = cfg > 0 or null  # conditional and null-class rows in one batch
+    if doubled:
         labels = torch.cat([labels, torch.full_like(labels, model.num_classes)])
     cond = model.class_emb(labels)
     caches = model.new_caches()
     f_hat, tokens, steps = None, [], []
+    log_ratio = torch.zeros(b, device=device) if doubled else None
     x = model.step_tokens(0, cond, None)
     for m, step in enumerate(sched):
         logits = model.forward_step(x, cond, caches)  # (B or 2B, h_m w_m, V)
-        if use_cfg:
-            t = guidance(m, sched.n_steps, cfg, cfg_schedule)
-            logits = (1 + t) * logits[:b] - t * logits[b:]
+        raw = logits
+        if doubled:
+            t = guidance(m, sched.n_steps, cfg, cfg_schedule) if cfg > 0 else 0.0
+            logits = (1 + t) * raw[:b] - t * raw[b:]
         if prefix is not None and m < len(prefix):
             idx = prefix[m].to(device).view(b, step.h, step.w)
         else:
             idx = sample_tokens(logits, temperature, top_k, top_p, gen).view(b, step.h, step.w)
+        if doubled:  # Bayes: log p(c | x) - log p(c), summed over this step's tokens
+            picked = idx.flatten(1).repeat(2, 1)[..., None]  # (2B, h_m w_m, 1)
+            lp = raw.float().log_softmax(-1).gather(-1, picked)
+            log_ratio += (lp[:b] - lp[b:]).sum((1, 2))
         tokens.append(idx)
         f_hat = q.add_term(f_hat, idx, m)
         if return_steps:
             steps.append(tokenizer.decode(f_hat))
         if m + 1 < sched.n_steps:
             inp = q.next_input(f_hat, m + 1)
-            x = model.step_tokens(m + 1, cond, torch.cat([inp, inp]) if use_cfg else inp)
-    return Generation(tokenizer.decode(f_hat), tokens, torch.stack(steps) if return_steps else None)
+            x = model.step_tokens(m + 1, cond, torch.cat([inp, inp]) if doubled else inp)
+    return Generation(
+        tokenizer.decode(f_hat), tokens, torch.stack(steps) if return_steps else None, log_ratio
+    )
 
 
 @torch.no_grad()

@@ -334,3 +334,44 @@ def test_stlpips_refuses_a_partial_weight_file(monkeypatch):
     monkeypatch.setattr(torch, "load", without_conv1)
     with pytest.raises(RuntimeError, match=r"does not cover.*net\.slice1\.0\.weight"):
         perceptual.lpips_model(kind="stlpips")
+
+
+# ----------------------------------------------------------------------------- ADM reference batch
+def test_frechet_distance_matches_the_closed_form_and_torch_fidelity():
+    from torch_fidelity.metric_fid import KEY_METRIC_FID, fid_statistics_to_metric
+
+    rng = np.random.default_rng(0)
+    d = 6
+    m = rng.normal(size=d)
+    # N(0, I) vs N(m, 4 I): |m|^2 + tr(I + 4 I - 2 (4 I)^(1/2)) = |m|^2 + d
+    fid = metrics.frechet_distance(np.zeros(d), np.eye(d), m, 4 * np.eye(d))
+    assert fid == pytest.approx(m @ m + d, rel=1e-10)
+    a, b = rng.normal(size=(d, d)), rng.normal(size=(d, d))
+    s1, s2, mu1, mu2 = a @ a.T, b @ b.T, rng.normal(size=d), rng.normal(size=d)
+    ref = fid_statistics_to_metric({"mu": mu1, "sigma": s1}, {"mu": mu2, "sigma": s2}, False)
+    assert metrics.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(ref[KEY_METRIC_FID])
+    with pytest.raises(ValueError, match="2048-d"):
+        metrics.frechet_distance(mu1, s1, mu2[:3], s2[:3, :3])
+
+
+def test_fid_against_an_adm_reference_batch(fid_runs, tmp_path):
+    """arr_0 images give torch-fidelity's features; stored mu/sigma take precedence; the FID of
+    the noisy crops against the crops' statistics is torch-fidelity's (run in fid_runs)."""
+    runs, ref, root = fid_runs
+    x = crops()
+    images_npz = metrics.save_npz_for_adm(x, tmp_path / "ref_images.npz")  # arr_0 only
+    mu, sigma = metrics.adm_reference_statistics(images_npz)
+    cached = torch.load(root / f"{ref.key}-{inception.EXTRACTOR}-features-2048.pt")
+    mu_c, sigma_c = metrics.feature_statistics(cached.numpy())
+    np.testing.assert_allclose(mu, mu_c, rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(sigma, sigma_c, rtol=1e-3, atol=1e-5)
+    stats_npz = tmp_path / "VIRTUAL_like.npz"  # ADM's files hold both; mu/sigma are used
+    np.savez(stats_npz, arr_0=np.zeros((2, 8, 8, 3), np.uint8), mu=mu_c, sigma=sigma_c)
+    g = torch.Generator().manual_seed(1)
+    noisy = (x + NOISE[0] * torch.randn(x.shape, generator=g)).clamp(0, 1)  # as in fid_runs
+    out = metrics.fid_against_adm(noisy, stats_npz)
+    print("ADM-style FID", out["fid"], "torch-fidelity", runs[NOISE[0]]["fid"])
+    assert out["n_samples"] == 64 and out["fid"] == pytest.approx(runs[NOISE[0]]["fid"], rel=1e-3)
+    np.savez(tmp_path / "bad.npz", images=np.zeros((2, 8, 8, 3), np.uint8))
+    with pytest.raises(ValueError, match="'mu' and 'sigma'"):
+        metrics.adm_reference_statistics(tmp_path / "bad.npz")

@@ -25,6 +25,13 @@ def build_model(cfg, schedule, num_classes: int, device=None) -> NextDetailTrans
             a.model_heads,
             a.mlp_ratio,
             a.dropout,
+            attn_l2_norm=a.attn_l2_norm,
+            drop_path=a.drop_path_rate,
+            shared_adaln=a.shared_adaln,
+            init_adaln=a.init_adaln,
+            init_adaln_gamma=a.init_adaln_gamma,
+            init_head=a.init_head,
+            init_residual_scale=a.init_residual_scale,
         )
 
 

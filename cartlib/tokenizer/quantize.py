@@ -80,13 +80,15 @@ class ScheduleQuantizer(nn.Module):
         return self.codebook.num_embeddings
 
     def phi(self, m: int) -> Phi:
-        """phi_k of step m: its own conv, or (phi_share = K) the nearest of K shared convs."""
+        """phi_k of step m: its own conv, or (phi_share = K) the one of K shared convs whose
+        tick is nearest to m / (M - 1); ticks evenly spaced in [1/(3K), 1 - 1/(3K)] for K = 4
+        and in [1/(2K), 1 - 1/(2K)] otherwise (VAR's ``PhiPartiallyShared``)."""
         if self.phi_share == 0:
             return self.phis[m]
+        k = self.phi_share
         at = m / max(1, self.schedule.n_steps - 1)
-        ticks = torch.linspace(
-            1 / (3 * self.phi_share), 1 - 1 / (3 * self.phi_share), self.phi_share
-        )
+        margin = 1 / (3 * k) if k == 4 else 1 / (2 * k)
+        ticks = torch.linspace(margin, 1 - margin, k, dtype=torch.float64)
         return self.phis[int((ticks - at).abs().argmin())]
 
     # ----------------------------------------------------------------------- codes

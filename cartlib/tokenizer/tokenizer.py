@@ -19,7 +19,7 @@ from cartlib.config import DecomposeConfig, TokenizerConfig, decomposition_order
 from cartlib.decompose import base_detail
 from cartlib.schedule import TokenSchedule
 from cartlib.tokenizer.quantize import QUANTIZERS, QuantOutput, ScheduleQuantizer
-from cartlib.tokenizer.vqvae import Decoder, Encoder, downsample_factor
+from cartlib.tokenizer.vqvae import ARCHS, downsample_factor
 
 
 @dataclass
@@ -34,6 +34,8 @@ class Tokenizer(nn.Module):
         super().__init__()
         if cfg.quantizer not in QUANTIZERS:
             raise ValueError(f"quantizer={cfg.quantizer!r}: choose one of {', '.join(QUANTIZERS)}")
+        if cfg.arch not in ARCHS:
+            raise ValueError(f"arch={cfg.arch!r}: choose one of {', '.join(ARCHS)}")
         down = downsample_factor(cfg.ch_mult)
         if resolution % down:
             raise ValueError(
@@ -49,8 +51,13 @@ class Tokenizer(nn.Module):
                 f"{latent}"
             )
         self.cfg, self.decompose_cfg, self.resolution = cfg, decompose, resolution
-        self.encoder = Encoder(cfg.channels, cfg.ch_mult, cfg.latent_channels)
-        self.decoder = Decoder(cfg.channels, cfg.ch_mult, cfg.latent_channels)
+        encoder, decoder = ARCHS[cfg.arch]
+        self.encoder = encoder(cfg.channels, cfg.ch_mult, cfg.latent_channels)
+        self.decoder = decoder(cfg.channels, cfg.ch_mult, cfg.latent_channels)
+        c = cfg.latent_channels  # VAR's 3x3 convs between encoder, quantizer and decoder
+        var = cfg.arch == "var"
+        self.quant_conv = nn.Conv2d(c, c, 3, padding=1) if var else nn.Identity()
+        self.post_quant_conv = nn.Conv2d(c, c, 3, padding=1) if var else nn.Identity()
         self.quantizer = ScheduleQuantizer(
             self.schedule,
             cfg.codebook_size,
@@ -69,7 +76,7 @@ class Tokenizer(nn.Module):
         """E(I) and E(B_k) (Eq. 7) in one batched pass. bases: (B, n, 3, H, W) or None."""
         n = self.order
         if n == 0:
-            return self.encoder(images), None
+            return self.encode_features(images), None
         if bases is None:
             bases = self.decompose(images)
         if bases.shape[1] != n:
@@ -79,8 +86,16 @@ class Tokenizer(nn.Module):
             )
         b = images.shape[0]
         stacked = torch.cat([images[:, None], bases.to(images)], 1).flatten(0, 1)
-        feats = self.encoder(stacked).unflatten(0, (b, n + 1))
+        feats = self.encode_features(stacked).unflatten(0, (b, n + 1))
         return feats[:, 0], [feats[:, k] for k in range(1, n + 1)]
+
+    def encode_features(self, images: torch.Tensor) -> torch.Tensor:
+        """f = E(I) (Eq. 7), (B,3,H,W) -> (B,C,h,w) (VAR: then ``quant_conv``)."""
+        return self.quant_conv(self.encoder(images))
+
+    def decode_features(self, f_hat: torch.Tensor) -> torch.Tensor:
+        """D(f_hat), unclamped (VAR: ``post_quant_conv`` first). (B,C,h,w) -> (B,3,H,W)"""
+        return self.decoder(self.post_quant_conv(f_hat))
 
     @torch.no_grad()
     def decompose(self, images: torch.Tensor) -> torch.Tensor:
@@ -92,8 +107,8 @@ class Tokenizer(nn.Module):
     def forward(self, images: torch.Tensor, bases: torch.Tensor | None = None) -> TokenizerOutput:
         f_image, f_bases = self._encode_all(images, bases)
         q = self.quantizer(f_image, f_bases)
-        recon = self.decoder(q.f_hat)
-        recon_base = self.decoder(q.f_hat_base) if self.order > 0 else None
+        recon = self.decode_features(q.f_hat)
+        recon_base = self.decode_features(q.f_hat_base) if self.order > 0 else None
         return TokenizerOutput(recon, recon_base, q)
 
     @torch.no_grad()
@@ -110,7 +125,7 @@ class Tokenizer(nn.Module):
         return self.quantizer.features(tokens, upto)
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
-        return self.decoder(f_hat).clamp(0, 1)
+        return self.decode_features(f_hat).clamp(0, 1)
 
     @torch.no_grad()
     def partial_reconstructions(self, tokens: list[torch.Tensor]) -> torch.Tensor:

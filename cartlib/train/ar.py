@@ -16,6 +16,8 @@ from cartlib.train.loop import (
     lr_lambda,
     make_accelerator,
     run_loop,
+    set_weight_decay,
+    weight_decay_at,
 )
 
 
@@ -66,8 +68,10 @@ def train_ar(
     stop_after: int | None = None,
 ):
     """Train the next-detail transformer on pre-extracted ``tokens`` (list of (N,h_k,w_k)) and
-    ``labels`` (N,). AdamW (0.9, 0.95), lr = ar.lr x batch / 256 (VAR's scaling), warm-up then
-    cosine decay, gradient clipping, label dropout for classifier-free guidance."""
+    ``labels`` (N,). AdamW (0.9, 0.95) without decay on biases, norms and position/level
+    embeddings (VAR), lr = ar.lr x batch / 256 (VAR's scaling), warm-up then cosine (or VAR's
+    ``lin0``) decay to ``lr_end``, optional cosine weight-decay schedule, gradient clipping,
+    label dropout for classifier-free guidance."""
     a = cfg.ar
     out_dir = ar_dir(run_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -79,8 +83,10 @@ def train_ar(
     sched = tokenizer.schedule
     model = build_model(cfg, sched, num_classes)
     lr = a.lr * a.batch_size / 256
-    opt = build_optimizer(model.parameters(), lr, a.weight_decay)
-    lrs = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(a.warmup, a.steps))
+    opt = build_optimizer(model, lr, a.weight_decay)
+    lrs = torch.optim.lr_scheduler.LambdaLR(
+        opt, lr_lambda(a.warmup, a.steps, a.lr_end, a.lr_schedule)
+    )
     model, opt = acc.prepare(model, opt)
     core = acc.unwrap_model(model)
     flat = torch.cat([t.flatten(1) for t in tokens], 1)  # (N, L)
@@ -106,6 +112,10 @@ def train_ar(
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         gnorm = acc.clip_grad_norm_(model.parameters(), a.grad_clip)
+        if a.weight_decay_end is not None:  # VAR's schedule; a pure function of the step
+            set_weight_decay(
+                opt, weight_decay_at(step, a.steps, a.weight_decay, a.weight_decay_end)
+            )
         opt.step()
         lrs.step()
         logs = {"loss": loss.item(), "acc": float(per_acc.mean()), "grad_norm": float(gnorm)}

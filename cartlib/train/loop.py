@@ -106,12 +106,23 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 # ------------------------------------------------------------------------------------------ loop
-def lr_lambda(warmup: int, total: int, final: float = 0.1) -> Callable[[int], float]:
-    """Linear warm-up, then cosine decay to ``final`` x the base learning rate."""
+def lr_lambda(
+    warmup: int, total: int, final: float = 0.1, schedule: str = "cosine"
+) -> Callable[[int], float]:
+    """Learning-rate factor of step s: linear warm-up over ``warmup`` steps, then
+
+    * ``cosine``: cosine decay to ``final`` x the base rate at ``total``;
+    * ``lin0`` (VAR's default ``sche``, utils/lr_control.py): flat for the first 5% of the
+      steps after warm-up, then linear to ``final`` at the last step (VAR's ``wpe``)."""
+    if schedule not in ("cosine", "lin0"):
+        raise ValueError(f"lr_schedule={schedule!r}: choose 'cosine' or 'lin0' (VAR)")
 
     def f(step: int) -> float:
         if step < warmup:
             return (step + 1) / warmup
+        if schedule == "lin0":
+            t = min(1.0, (step - warmup) / max(1, total - 1 - warmup))
+            return 1.0 if t < 0.05 else final + (1 - final) * (1 - t) / 0.95
         t = (step - warmup) / max(1, total - warmup)
         return final + (1 - final) * 0.5 * (1 + math.cos(math.pi * min(1.0, t)))
 
@@ -132,6 +143,21 @@ def _resume(ckpt_dir: Path, accelerator, modules, optimizers, schedulers):
         sch.load_state_dict(state["schedulers"][name])
     set_rng_state(state["rng"])
     return state["step"], state["history"]
+
+
+def weight_decay_at(step: int, total: int, start: float, end: float | None) -> float:
+    """VAR's weight-decay schedule: cosine from ``start`` at step 0 to ``end`` at the last step
+    (``end`` None = constant ``start``)."""
+    if end is None:
+        return start
+    t = min(1.0, step / max(1, total - 1))
+    return end + (start - end) * 0.5 * (1 + math.cos(math.pi * t))
+
+
+def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
+    """Set every group's weight decay to ``value`` x its ``wd_scale`` (0 for exempt groups)."""
+    for group in optimizer.param_groups:
+        group["weight_decay"] = value * group.get("wd_scale", float(group["weight_decay"] > 0))
 
 
 def run_loop(
@@ -214,17 +240,38 @@ def run_loop(
     return history
 
 
+# Parameters VAR exempts from weight decay by name (train.py's ``nowd_keys``): position, start
+# and level embeddings, shared-adaLN offsets, attention scales. Class and word embeddings decay.
+NO_DECAY_NAMES = frozenset({"pos_start", "pos_emb", "lvl_emb", "ada_gss", "scale_mul"})
+
+
+def decays(name: str, p: torch.Tensor) -> bool:
+    """Whether parameter ``name`` gets weight decay: not biases, norms/gains (1-D) or
+    :data:`NO_DECAY_NAMES` (VAR's ``filter_params``)."""
+    return p.ndim >= 2 and not name.endswith("bias") and NO_DECAY_NAMES.isdisjoint(name.split("."))
+
+
 def build_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95)):
-    """AdamW without weight decay on biases, norms, embeddings and gains (1-D params)."""
-    decay, no_decay = [], []
-    for p in params:
+    """AdamW with two groups: decayed, and exempt (see :func:`decays`). ``params`` is a module
+    (names known: VAR's rule) or an iterable of parameters (1-D ones exempt). Each group keeps
+    its parameter ``names`` and a ``wd_scale`` (1 or 0) for :func:`set_weight_decay`."""
+    named = (
+        params.named_parameters() if isinstance(params, nn.Module) else (("", p) for p in params)
+    )
+    groups = {True: {"params": [], "names": []}, False: {"params": [], "names": []}}
+    for name, p in named:
         if p.requires_grad:
-            (decay if p.ndim >= 2 else no_decay).append(p)
-    groups = [
-        {"params": decay, "weight_decay": weight_decay},
-        {"params": no_decay, "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=lr, betas=betas)
+            g = groups[decays(name, p)]
+            g["params"].append(p)
+            g["names"].append(name)
+    return torch.optim.AdamW(
+        [
+            {**groups[True], "weight_decay": weight_decay, "wd_scale": 1.0},
+            {**groups[False], "weight_decay": 0.0, "wd_scale": 0.0},
+        ],
+        lr=lr,
+        betas=betas,
+    )
 
 
 def load_stage(path: str | Path, module: str, how: str, extra: tuple[str, ...] = ()):
