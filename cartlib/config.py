@@ -46,6 +46,16 @@ class DataConfig:
     train_limit: int | None = 2048  # use the first N training images (None = all)
     test_limit: int | None = 512  # held-out images for evaluation (None = all)
     bad_files: str = "error"  # error | skip  (imagefolder: corrupt or unreadable files)
+    # --- the streaming data path (cartlib.data.stream); VAR's settings in the full-scale presets
+    mid_ratio: float = 1.0  # shorter side resized to mid_ratio x resolution, then crop (VAR 1.125)
+    random_crop: bool = False  # training: crop at a random position (VAR); False: the centre
+    hflip: bool = False  # training: mirror a random half of the images
+    views: int = 1  # token extraction views per image: 1 centre; 2 + mirror (LlamaGen); >2 + crops
+    workers: int = 0  # DataLoader worker processes per training process (0: the main process)
+    cache_bases: bool = (
+        True  # bases from the on-disk cache (small sets); False: per batch, on device
+    )
+    shard_size: int = 10_000  # images per token shard file (extraction resumes shard by shard)
 
 
 @dataclass

@@ -8,8 +8,10 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -17,12 +19,14 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from cartlib.data.augment import Crop, centre, crop_pil, mid_size
 from cartlib.data.common import BadFileError, DatasetUnavailableError
 
+T = TypeVar("T")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode to RGB: 16-bit grey keeps its top 8 bits, transparency goes on white."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L"):
         im = Image.fromarray(np.clip(np.asarray(im).astype(np.int64) >> 8, 0, 255).astype(np.uint8))
@@ -31,16 +35,21 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def read_image(
+    path: str | Path, resolution: int, mid_ratio: float = 1.0, req: Crop | None = None
+) -> np.ndarray:
+    """Decode one file to uint8 (R, R, 3): RGB, EXIF-rotated, shorter side resized to
+    ``mid_ratio x R``, cropped and mirrored as ``req`` says (default: the centre crop)."""
+    short = mid_size(resolution, mid_ratio)
+    with Image.open(path) as im:
+        im.draft("RGB", (short, short))  # JPEG: DCT downscale, both sides stay >= short
+        im = to_rgb(ImageOps.exif_transpose(im))
+    return crop_pil(im, resolution, mid_ratio, req or centre(0))
+
+
 def load_image(path: str | Path, resolution: int) -> torch.Tensor:
     """Decode one file to float (3, R, R) in [0, 1]: RGB, EXIF-rotated, centre square, resized."""
-    with Image.open(path) as im:
-        im.draft("RGB", (resolution, resolution))  # JPEG: DCT downscale, both sides stay >= R
-        im = _to_rgb(ImageOps.exif_transpose(im))
-    w, h = im.size
-    s = min(w, h)
-    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    im = im.resize((resolution, resolution), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(read_image(path, resolution)).permute(2, 0, 1).float().div_(255)
 
 
 def _verify(path: Path) -> str | None:
@@ -58,9 +67,23 @@ def _hash(text: str) -> bytes:
 
 
 def _class_names(root: Path, present: list[Path]) -> list[str]:
-    """Sorted class folder names of an ImageFolder tree (across its split folders, if any)."""
+    """Sorted class folder names of an ImageFolder tree; with split folders (train/, val/) they
+    must hold the same classes, else a label would mean different classes in different splits."""
     is_class = lambda d: d.is_dir() and not d.name.startswith(".")
-    return sorted({d.name for t in present or [root] for d in t.iterdir() if is_class(d)})
+    per_split = {t.name: {d.name for d in t.iterdir() if is_class(d)} for t in present or [root]}
+    union = set().union(*per_split.values())
+    odd = {name: sorted(union - names) for name, names in per_split.items() if names != union}
+    if odd:
+        names = lambda m: ", ".join(m[:5]) + (", ..." if len(m) > 5 else "")
+        detail = "; ".join(
+            f"{s}/ lacks {len(m)} class folder(s) ({names(m)})" for s, m in odd.items()
+        )
+        raise ValueError(
+            f"the split folders of {root} hold different class lists: {detail}. Labels are "
+            "indices into one sorted class list, so every split needs the same class folders: "
+            "add the missing ones (an empty folder will do) or remove the extra ones"
+        )
+    return sorted(union)
 
 
 def imagefolder_num_classes(root: str | os.PathLike) -> int:
@@ -97,29 +120,47 @@ def _list_images(root: Path, split: str) -> tuple[list[tuple[Path, str]], list[s
 
 
 class ImageFolderDataset(Dataset):
-    """Images decoded from files on every access (see the module docstring for bad files)."""
+    """Images decoded from files on every access (see the module docstring for bad files).
+
+    The file list is one numpy bytes array of paths relative to the root (``files`` builds the
+    Path list on demand): at ImageNet size a list of Path objects is hundreds of MB that every
+    forked DataLoader worker would copy page by page as it touches their reference counts."""
 
     def __init__(self, root, split, resolution, files, labels, classes, bad_files, skipped):
         self.name, self.split, self.resolution = "imagefolder", split, resolution
-        self.source = str(root)
-        self.files, self.labels, self.classes, self.bad_files = files, labels, classes, bad_files
+        self.source, self.root = str(root), Path(root)
+        self._rel = np.array([str(Path(p).relative_to(root)).encode() for p in files], dtype=bytes)
+        self.labels = np.asarray(labels, dtype=np.int32)
+        self.classes, self.bad_files = classes, bad_files
         self.skipped = skipped  # [(path, reason)] found at construction or decode time
         self.key = f"imagefolder-{_hash(str(root)).hex()[:8]}-{split}-r{resolution}-n{len(files)}"
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path(i) for i in range(len(self))]
+
+    def path(self, i: int) -> Path:
+        return self.root / self._rel[i].decode()
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self._rel)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        for j in range(len(self.files)):
-            k = (i + j) % len(self.files)
+        return self.read(i, lambda path: load_image(path, self.resolution))
+
+    def read(self, i: int, decode: Callable[[Path], T]) -> tuple[T, int]:
+        """(``decode(path)``, label) of item ``i``; a file that fails to decode raises, or with
+        ``bad_files="skip"`` is warned about and the next decodable item stands in."""
+        for j in range(len(self)):
+            k = (i + j) % len(self)
             try:
-                return load_image(self.files[k], self.resolution), self.labels[k]
+                return decode(self.path(k)), int(self.labels[k])
             except Exception as e:  # any decode failure, reported with the file's path
-                self._bad(self.files[k], f"{type(e).__name__}: {e}", e)
+                self._bad(self.path(k), f"{type(e).__name__}: {e}", e)
         raise BadFileError(f"no image in {self.source} could be decoded (split={self.split!r})")
 
     def _bad(self, path: Path, reason: str, cause: Exception) -> None:
