@@ -1,48 +1,110 @@
-"""Command line: ``python -m cartlib <command>`` (also under ``accelerate launch -m cartlib``)."""
+"""Command line: ``python -m cartlib <command>`` (also under ``accelerate launch -m cartlib``).
+
+Stages of a full-scale run (each resumes what a killed run left)::
+
+    accelerate launch -m cartlib train-tokenizer --config run/config.yaml --run-dir run
+    accelerate launch -m cartlib extract-tokens  --config run/config.yaml --run-dir run
+    accelerate launch -m cartlib train-ar        --config run/config.yaml --run-dir run
+    accelerate launch -m cartlib sample          --config run/config.yaml --run-dir run
+"""
 
 from __future__ import annotations
 
 import argparse
 import sys
 
-from cartlib import launch, runs
+from cartlib import launch, runs, stages
 from cartlib.config import load_config
-from cartlib.data import check_dataset
+from cartlib.data import BadFileError, DatasetUnavailableError, check_dataset
+from cartlib.data.stream import source_for
+from cartlib.data.synthetic import make_image_folder
 from cartlib.series import run_series
+from cartlib.shards import ShardError
 
+# errors whose message says what is wrong and what to do: printed without a traceback
+USER_ERRORS = (ValueError, FileNotFoundError, DatasetUnavailableError, BadFileError, ShardError)
 EXIT_NOT_TRAINED = 3  # train-ar could not train here (the plan explains why)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="cartlib", description=__doc__)
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="cartlib", description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("check-data", help="say whether a dataset can be loaded, and how to get it")
     p.add_argument("name", nargs="?", default="fashion-mnist")
     p = sub.add_parser("run-series", help="execute the notebook series with papermill")
     p.add_argument("--preset", default="tiny")
     p.add_argument("--only", nargs="*", help="notebook name prefixes to run (default: all)")
-    for stage in ("train-tokenizer", "train-ar"):
-        p = sub.add_parser(stage, help=f"{stage} from a config file (under accelerate launch)")
+    for stage, what in (
+        ("train-tokenizer", "train the tokenizer"),
+        ("extract-tokens", "encode a data split into token shards (needs a trained tokenizer)"),
+        ("train-ar", "train the transformer (extracting the tokens first if needed)"),
+        ("sample", "per-class samples as PNGs + the ADM evaluator's .npz (for FID)"),
+    ):
+        p = sub.add_parser(stage, help=f"{what}, from a config file (under accelerate launch)")
         p.add_argument("--config", required=True, help="a config.yaml written by cartlib")
         p.add_argument("--run-dir", required=True)
-    args = parser.parse_args(argv)
+        if stage == "extract-tokens":
+            p.add_argument("--split", default="train", choices=("train", "test"))
+        if stage == "sample":
+            # unset: the config's `sample` section (the full-scale presets hold VAR's FID setting)
+            p.add_argument("--per-class", type=int, default=None)
+            p.add_argument("--batch", type=int, default=50, help="images per chunk (one seed)")
+            p.add_argument("--guidance", type=float, default=None, help="CFG scale")
+            p.add_argument("--cfg-schedule", default=None, choices=("linear", "constant"))
+            p.add_argument("--top-k", type=int, default=None)
+            p.add_argument("--top-p", type=float, default=None)
+            p.add_argument("--temperature", type=float, default=None)
+            p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("synthetic-data", help="write a synthetic image folder (tests, benchmarks)")
+    p.add_argument("root")
+    p.add_argument("--images", type=int, default=1000)
+    p.add_argument("--val-images", type=int, default=0)
+    p.add_argument("--classes", type=int, default=4)
+    p.add_argument("--seed", type=int, default=0)
+    return parser
 
-    if args.command == "check-data":
-        return check_dataset(args.name)
-    if args.command == "run-series":
-        return run_series(args.preset, only=args.only)
-    if args.command in ("train-tokenizer", "train-ar"):
-        cfg = load_config(args.config)
-        if args.command == "train-tokenizer":
-            runs.ensure_tokenizer(cfg, args.run_dir)
-            return 0
+
+def _stage(args) -> int:
+    cfg = load_config(args.config)
+    if args.command == "train-tokenizer":
+        runs.ensure_tokenizer(cfg, args.run_dir)
+    elif args.command == "extract-tokens":
+        source = source_for(cfg.data, args.split)  # a missing or bad data root fails here, first
+        tok = stages.trained("tokenizer", cfg, runs.resolve_run_dir(args.run_dir))
+        stages.extract_shards(cfg, args.run_dir, tok, args.split, source=source)
+    elif args.command == "train-ar":
         plan = launch.plan_ar(cfg, args.run_dir)
         if plan.mode == "explain":  # e.g. a full-scale config on a machine without GPUs
             launch.explain(plan)
             return EXIT_NOT_TRAINED
         runs.ensure_ar(cfg, args.run_dir)
+    else:
+        given = {k: getattr(args, k) for k in ("per_class", "guidance", "cfg_schedule", "top_k")}
+        given |= {"top_p": args.top_p, "temperature": args.temperature}
+        s = cfg.updated(sample={k: v for k, v in given.items() if v is not None}).sample
+        stages.sample_images(
+            cfg, runs.resolve_run_dir(args.run_dir), s.per_class, args.batch, s.guidance,
+            s.cfg_schedule, s.top_k, s.top_p, s.temperature, args.seed,
+        )  # fmt: skip
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "check-data":
+        return check_dataset(args.name)
+    if args.command == "run-series":
+        return run_series(args.preset, only=args.only)
+    if args.command == "synthetic-data":
+        make_image_folder(args.root, args.images, args.val_images, args.classes, seed=args.seed)
         return 0
-    return 2
+    try:
+        return _stage(args)
+    except USER_ERRORS as e:
+        print(f"cartlib {args.command}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
 
 
 if __name__ == "__main__":

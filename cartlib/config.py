@@ -53,6 +53,14 @@ class DataConfig:
     train_limit: int | None = 2048  # use the first N training images (None = all)
     test_limit: int | None = 512  # held-out images for evaluation (None = all)
     bad_files: str = "error"  # error | skip  (imagefolder: corrupt or unreadable files)
+    # --- the streaming data path (cartlib.data.stream); VAR's settings in the full-scale presets
+    mid_ratio: float = 1.0  # shorter side resized to mid_ratio x resolution, then crop (VAR 1.125)
+    random_crop: bool = False  # training: crop at a random position (VAR); False: the centre
+    hflip: bool = False  # training: mirror a random half of the images
+    views: int = 1  # token extraction views per image: 1 centre; 2 + mirror (LlamaGen); >2 + crops
+    workers: int = 0  # DataLoader worker processes per training process (0: the main process)
+    cache_bases: bool = True  # bases from the on-disk cache (small sets); False: per batch
+    shard_size: int = 10_000  # images per token shard file (extraction resumes shard by shard)
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -252,6 +260,9 @@ class RunConfig:
     def digest(self, sections: tuple[str, ...]) -> str:
         """A short stable hash of the named sections or top-level settings."""
         d = self.to_dict()
+        for section, names in NOT_IN_KEYS_OF.items():
+            for name in names:
+                d[section].pop(name)
         blob = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
@@ -304,6 +315,8 @@ def check_ranges(section: Any) -> None:
 
 SECTIONS = ("data", "decompose", "tokenizer", "ar", "sample")
 NOT_IN_KEYS = ("name",)  # top-level settings that do not change a trained result
+# settings of a section that change how fast, not what, a stage computes
+NOT_IN_KEYS_OF = {"data": ("workers", "shard_size")}
 
 
 # ----------------------------------------------------------------------------------- type checking

@@ -53,7 +53,12 @@ PROBABILITY = Range(0, 1, hi_open=True)
 # section ("" = top level) -> setting -> allowed values (each item, for tuples); None is always
 # allowed where the type says so. A numeric setting without an entry fails tests/test_robustness.
 RANGES: dict[str, dict[str, Range]] = {
-    "data": {"resolution": Range(8), "train_limit": AT_LEAST_1, "test_limit": AT_LEAST_1},
+    "data": {
+        "resolution": Range(8),
+        **dict.fromkeys(("train_limit", "test_limit", "views", "shard_size"), AT_LEAST_1),
+        "mid_ratio": Range(1),  # resize the short side to at least the crop
+        "workers": NON_NEGATIVE,
+    },
     "decompose": {
         "order": Range(0, MAX_ORDER),
         **dict.fromkeys(("alpha", "lam", "eps"), POSITIVE),

@@ -20,8 +20,7 @@ from pathlib import Path
 
 from accelerate import PartialState
 
-from cartlib import train
-from cartlib.data import load_dataset_from_config
+from cartlib import stages, train
 from cartlib.io import (  # noqa: F401  (re-exported for notebooks)
     atomic_torch_save,
     cache_dir,
@@ -32,6 +31,7 @@ from cartlib.io import (  # noqa: F401  (re-exported for notebooks)
     save_results,
     seed_everything,
 )
+from cartlib.shards import TokenShards, shard_folder, tokenizer_hash
 
 
 def _finished(folder: Path, steps: int) -> bool:
@@ -71,21 +71,19 @@ def ensure_tokenizer(cfg, run_dir, progress: bool = True):
 
 @stage_lock(train.tokenizer_dir)
 def ensure_tokens(cfg, run_dir, tokenizer, split: str = "train", progress: bool = True):
-    """Token maps of a data split, extracted once with ``tokenizer`` and cached next to it.
-    -> (tokens list of (N,h_k,w_k), labels (N,), num_classes)"""
-    path = train.tokenizer_dir(resolve_run_dir(run_dir), cfg) / f"tokens-{split}.pt"
-    with PartialState().main_process_first():  # under a launcher: extracted once, then loaded
-        if not path.exists():
-            _extract_tokens(cfg, tokenizer, split, path, progress)
-    blob = load_checkpoint(path)
-    return blob["tokens"], blob["labels"], blob["num_classes"]
-
-
-def _extract_tokens(cfg, tokenizer, split, path, progress):
-    images, bases, labels = train.tokenizer_training_data(cfg, split, progress)
-    num_classes = load_dataset_from_config(cfg.data, split, progress=False).num_classes
-    tokens = train.extract_tokens(tokenizer, images, bases, progress=progress)
-    atomic_torch_save({"tokens": tokens, "labels": labels, "num_classes": num_classes}, path)
+    """The token shards of a data split (:mod:`cartlib.shards`), extracted with ``tokenizer``
+    next to it when they are not there (resuming unfinished shards; under a launcher every
+    process encodes its share), checked and memory-mapped.
+    -> (TokenShards, labels (N,), num_classes)"""
+    run_dir = resolve_run_dir(run_dir)
+    folder = shard_folder(train.tokenizer_dir(run_dir, cfg), split)
+    if (folder / "manifest.json").exists():
+        shards = TokenShards(
+            folder, tokenizer_hash(tokenizer), stages.extract_command(cfg, run_dir, split)
+        )
+    else:
+        shards = stages.extract_shards(cfg, run_dir, tokenizer, split, progress=progress)
+    return shards, shards.labels, shards.num_classes
 
 
 @stage_lock(train.ar_dir)

@@ -11,8 +11,10 @@ from __future__ import annotations
 import hashlib
 import os
 import warnings
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -20,12 +22,14 @@ from PIL import Image, ImageOps
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
+from cartlib.data.augment import Crop, centre, crop_pil, mid_size
 from cartlib.data.common import BadFileError, DatasetUnavailableError
 
+T = TypeVar("T")
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm"}
 
 
-def _to_rgb(im: Image.Image) -> Image.Image:
+def to_rgb(im: Image.Image) -> Image.Image:
     """Any PIL mode to RGB: 16-bit grey keeps its top 8 bits, transparency goes on white."""
     if im.mode in ("I", "I;16", "I;16B", "I;16L"):
         im = Image.fromarray(np.clip(np.asarray(im).astype(np.int64) >> 8, 0, 255).astype(np.uint8))
@@ -34,16 +38,21 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def read_image(
+    path: str | Path, resolution: int, mid_ratio: float = 1.0, req: Crop | None = None
+) -> np.ndarray:
+    """Decode one file to uint8 (R, R, 3): RGB, EXIF-rotated, shorter side resized to
+    ``mid_ratio x R``, cropped and mirrored as ``req`` says (default: the centre crop)."""
+    short = mid_size(resolution, mid_ratio)
+    with Image.open(path) as im:
+        im.draft("RGB", (short, short))  # JPEG: DCT downscale, both sides stay >= short
+        im = to_rgb(ImageOps.exif_transpose(im))
+    return crop_pil(im, resolution, mid_ratio, req or centre(0))
+
+
 def load_image(path: str | Path, resolution: int) -> torch.Tensor:
     """Decode one file to float (3, R, R) in [0, 1]: RGB, EXIF-rotated, centre square, resized."""
-    with Image.open(path) as im:
-        im.draft("RGB", (resolution, resolution))  # JPEG: DCT downscale, both sides stay >= R
-        im = _to_rgb(ImageOps.exif_transpose(im))
-    w, h = im.size
-    s = min(w, h)
-    im = im.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    im = im.resize((resolution, resolution), Image.Resampling.BILINEAR)
-    return torch.from_numpy(np.array(im)).permute(2, 0, 1).float().div_(255)
+    return torch.from_numpy(read_image(path, resolution)).permute(2, 0, 1).float().div_(255)
 
 
 def _verify(path: Path) -> str | None:
@@ -68,13 +77,28 @@ def _has_image(folder: Path) -> bool:
 
 
 def _class_names(root: Path, present: list[Path]) -> list[str]:
-    """Sorted class folder names of an ImageFolder tree (across its split folders, if any). A
-    folder without an image file in any split is not a class (a warning names it): it would
-    be a label that no image carries, and a class count that is not the data's."""
-    folders = [d for t in present or [root] for d in t.iterdir() if d.is_dir()]
-    folders = [d for d in folders if not d.name.startswith(".")]
-    classes = {d.name for d in folders if _has_image(d)}
-    empty = sorted({d.name for d in folders} - classes)
+    """Sorted class folder names of an ImageFolder tree (across its split folders, if any).
+
+    With split folders (train/, val/) they must hold the same class folders, else a label would
+    mean different classes in different splits. A folder without an image file in any split is
+    not a class (a warning names it): it would be a label no image carries."""
+    is_class = lambda d: d.is_dir() and not d.name.startswith(".")
+    per_split = {t.name: {d.name for d in t.iterdir() if is_class(d)} for t in present or [root]}
+    union = set().union(*per_split.values())
+    odd = {name: sorted(union - names) for name, names in per_split.items() if names != union}
+    if odd:
+        names = lambda m: ", ".join(m[:5]) + (", ..." if len(m) > 5 else "")
+        detail = "; ".join(
+            f"{s}/ lacks {len(m)} class folder(s) ({names(m)})" for s, m in odd.items()
+        )
+        raise ValueError(
+            f"the split folders of {root} hold different class lists: {detail}. Labels are "
+            "indices into one sorted class list, so every split needs the same class folders: "
+            "add the missing ones (an empty folder will do) or remove the extra ones"
+        )
+    tops = present or [root]
+    classes = {c for c in union if any(_has_image(t / c) for t in tops if (t / c).is_dir())}
+    empty = sorted(union - classes)
     if empty:
         warnings.warn(
             f"{root}: class folder(s) without images are not classes: {', '.join(empty[:10])}"
@@ -118,39 +142,58 @@ def _list_images(root: Path, split: str) -> tuple[list[tuple[Path, str]], list[s
 
 
 class ImageFolderDataset(Dataset):
-    """Images decoded from files on every access (see the module docstring for bad files)."""
+    """Images decoded from files on every access (see the module docstring for bad files).
+
+    The file list is one numpy bytes array of paths relative to the root (``files`` builds the
+    Path list on demand): at ImageNet size a list of Path objects is hundreds of MB that every
+    forked DataLoader worker would copy page by page as it touches their reference counts."""
 
     def __init__(self, root, split, resolution, files, labels, classes, bad_files, skipped):
         self.name, self.split, self.resolution = "imagefolder", split, resolution
-        self.source = str(root)
-        self.files, self.labels, self.classes, self.bad_files = files, labels, classes, bad_files
+        self.source, self.root = str(root), Path(root)
+        self._rel = np.array([str(Path(p).relative_to(root)).encode() for p in files], dtype=bytes)
+        self.labels = np.asarray(labels, dtype=np.int32)
+        self.classes, self.bad_files = classes, bad_files
         self.skipped = skipped  # [(path, reason)] found at construction or decode time
         self.key = f"imagefolder-{_hash(str(root)).hex()[:8]}-{split}-r{resolution}-n{len(files)}"
+
+    @property
+    def files(self) -> list[Path]:
+        return [self.path(i) for i in range(len(self))]
+
+    def path(self, i: int) -> Path:
+        return self.root / self._rel[i].decode()
 
     @property
     def num_classes(self) -> int:
         return len(self.classes)
 
     def __len__(self) -> int:
-        return len(self.files)
+        return len(self._rel)
 
     def content_signature(self, n: int) -> str:
         """sha1 of the path, size and mtime_ns of every file (keys the decomposition cache: an
         image edited, replaced or touched since changes it). ``n`` is ignored: a bad file's item
         is decoded from the next file, so any file may stand in for one of the first n."""
         h = hashlib.sha1()
-        for p in self.files:
+        for k in range(len(self)):
+            p = self.path(k)
             st = os.stat(p)
             h.update(f"{p}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
         return h.hexdigest()
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        for j in range(len(self.files)):
-            k = (i + j) % len(self.files)
+        return self.read(i, lambda path: load_image(path, self.resolution))
+
+    def read(self, i: int, decode: Callable[[Path], T]) -> tuple[T, int]:
+        """(``decode(path)``, label) of item ``i``; a file that fails to decode raises, or with
+        ``bad_files="skip"`` is warned about and the next decodable item stands in."""
+        for j in range(len(self)):
+            k = (i + j) % len(self)
             try:
-                return load_image(self.files[k], self.resolution), self.labels[k]
+                return decode(self.path(k)), int(self.labels[k])
             except Exception as e:  # any decode failure, reported with the file's path
-                self._bad(self.files[k], f"{type(e).__name__}: {e}", e)
+                self._bad(self.path(k), f"{type(e).__name__}: {e}", e)
         raise BadFileError(f"no image in {self.source} could be decoded (split={self.split!r})")
 
     def _bad(self, path: Path, reason: str, cause: Exception) -> None:

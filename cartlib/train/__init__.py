@@ -1,11 +1,10 @@
 """Training on accelerate: one loop (``loop``) for the tokenizer (``tokenizer``) and the
 next-detail transformer (``ar``). ``from cartlib import train`` gives all of them."""
 
-from cartlib.train.ar import ar_dir, ar_loss, extract_tokens, load_ar, train_ar
+from cartlib.train.ar import ar_dir, ar_loss, extract_tokens, load_ar, token_rows, train_ar
 from cartlib.train.checkpoints import load_latest
 from cartlib.train.loop import (
     CKPT_NAME,
-    StepBatches,
     build_optimizer,
     load_checkpoint,
     load_stage,
@@ -16,8 +15,8 @@ from cartlib.train.loop import (
     set_rng_state,
 )
 from cartlib.train.tokenizer import (
+    default_device,
     load_tokenizer,
-    materialize,
     tokenizer_dir,
     tokenizer_training_data,
     train_tokenizer,
@@ -25,10 +24,10 @@ from cartlib.train.tokenizer import (
 
 __all__ = [
     "CKPT_NAME",
-    "StepBatches",
     "ar_dir",
     "ar_loss",
     "build_optimizer",
+    "default_device",
     "extract_tokens",
     "load_ar",
     "load_checkpoint",
@@ -37,11 +36,11 @@ __all__ = [
     "load_tokenizer",
     "lr_lambda",
     "make_accelerator",
-    "materialize",
     "rng_state",
     "run_loop",
     "set_rng_state",
     "tokenizer_dir",
+    "token_rows",
     "tokenizer_training_data",
     "train_ar",
     "train_tokenizer",

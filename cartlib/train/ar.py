@@ -1,4 +1,10 @@
-"""Next-detail transformer training (notebook 04): token extraction, the loss, the loop, loading."""
+"""Next-detail transformer training (notebook 04): token extraction, the loss, the loop, loading.
+
+The transformer trains on token maps extracted once: in memory (a list of (N, h_k, w_k) tensors,
+small runs and tests) or memory-mapped shards (:class:`cartlib.shards.TokenShards`, written by
+``cartlib extract-tokens``), read a batch of rows at a time — never all tokens in RAM. With
+several views per image (``data.views``), each step draws one view per item from (seed, step).
+"""
 
 from __future__ import annotations
 
@@ -8,9 +14,10 @@ import torch
 from tqdm.auto import tqdm
 
 from cartlib.config import save_config
+from cartlib.data.stream import StepSampler
 from cartlib.model import build_model
+from cartlib.shards import TokenShards
 from cartlib.train.loop import (
-    StepBatches,
     build_optimizer,
     load_stage,
     lr_lambda,
@@ -57,6 +64,16 @@ def ar_dir(run_dir: str | Path, cfg) -> Path:
     return Path(run_dir) / f"ar-d{cfg.ar.depth}-{cfg.tokenizer.quantizer}-o{cfg.order}-{h}"
 
 
+def token_rows(tokens) -> tuple[int, int, object]:
+    """(images, views, rows) of extracted tokens: ``rows(idx, view)`` -> int64 (b, L), the
+    flattened sequences r_1..r_M of items ``idx`` in view ``view``. ``tokens``: TokenShards
+    (read from disk per batch) or a list of M in-memory tensors (N, h_k, w_k)."""
+    if isinstance(tokens, TokenShards):
+        return len(tokens), tokens.views, tokens.rows
+    flat = torch.cat([t.flatten(1) for t in tokens], 1)  # (N, L)
+    return len(flat), 1, lambda idx, view: flat[idx].long()
+
+
 def train_ar(
     cfg,
     run_dir,
@@ -67,11 +84,11 @@ def train_ar(
     progress=True,
     stop_after: int | None = None,
 ):
-    """Train the next-detail transformer on pre-extracted ``tokens`` (list of (N,h_k,w_k)) and
-    ``labels`` (N,). AdamW (0.9, 0.95) without decay on biases, norms and position/level
-    embeddings (VAR), lr = ar.lr x batch / 256 (VAR's scaling), warm-up then cosine (or VAR's
-    ``lin0``) decay to ``lr_end``, optional cosine weight-decay schedule, gradient clipping,
-    label dropout for classifier-free guidance."""
+    """Train the next-detail transformer on extracted ``tokens`` (TokenShards, or a list of
+    (N, h_k, w_k) tensors) with ``labels`` (N,). AdamW (0.9, 0.95) without decay on biases, norms
+    and position/level embeddings (VAR), lr = ar.lr x batch / 256 (VAR's scaling), warm-up then
+    cosine (or VAR's ``lin0``) decay to ``lr_end``, optional cosine weight-decay schedule,
+    gradient clipping, label dropout for classifier-free guidance."""
     a = cfg.ar
     out_dir = ar_dir(run_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -89,17 +106,18 @@ def train_ar(
     )
     model, opt = acc.prepare(model, opt)
     core = acc.unwrap_model(model)
-    flat = torch.cat([t.flatten(1) for t in tokens], 1)  # (N, L)
+    n_items, views, rows = token_rows(tokens)
+    sampler = StepSampler(n_items, a.batch_size, a.seed, acc.process_index, acc.num_processes)
 
-    def fetch(idx):
-        return flat[idx].long().to(acc.device), labels[idx].to(acc.device)
-
-    batches = StepBatches(
-        len(flat), a.batch_size, a.seed, fetch, acc.process_index, acc.num_processes
-    )
+    def fetch(step: int):
+        idx = sampler.indices(step)
+        view = torch.randint(views, idx.shape, generator=sampler.generator(step))
+        idx, view = idx[sampler.rank :: sampler.world], view[sampler.rank :: sampler.world]
+        x = rows(idx, view).to(acc.device, non_blocking=True)  # (b, L)
+        return x, labels[idx].long().to(acc.device)
 
     def step_fn(step: int) -> dict[str, float]:
-        x, y = batches(step)
+        x, y = fetch(step)
         maps = [x[:, sched.step_slice(m)].view(-1, s.h, s.w) for m, s in enumerate(sched)]
         with torch.no_grad():
             inputs = tokenizer.quantizer.teacher_inputs(maps)

@@ -3,7 +3,7 @@
 One loop (:func:`run_loop`) serves both: in-process on a CPU for smoke runs, and unchanged under
 ``accelerate launch -m cartlib train-ar ...`` on GPUs. It gives
 
-* exact resume: the batch of step s is a pure function of (seed, s) (:class:`StepBatches`) and
+* exact resume: the batch of step s is a pure function of (seed, s) (:class:`StepSampler`) and
   the checkpoint holds model, optimizer, scheduler and RNG states, so a run killed after step s and
   resumed computes the same step s+1 as one that never stopped;
 * checkpoints every ``ckpt_every`` steps and at the end, the last two kept with their sha256
@@ -52,37 +52,6 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None):
     if cpu and mixed_precision == "fp16":
         raise ValueError("mixed_precision='fp16' needs a GPU; use 'bf16' on CPUs")
     return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
-
-
-# ------------------------------------------------------------------------------------------ data
-class StepBatches:
-    """Deterministic batches: step s takes items ``perm_e[i:i+B]`` of the epoch-e permutation, all
-    derived from ``seed`` — so any step's batch is known without replaying the ones before it.
-
-    ``fetch(indices)`` returns a batch (a tuple of tensors). Under several processes each takes its
-    own slice of the global batch."""
-
-    def __init__(self, n_items: int, batch_size: int, seed: int, fetch, rank=0, world=1):
-        if n_items < batch_size:
-            raise ValueError(
-                f"batch_size={batch_size} is larger than the {n_items} training items; "
-                "lower batch_size or use more data (data.train_limit)"
-            )
-        self.n, self.bs, self.seed, self.fetch = n_items, batch_size, seed, fetch
-        self.rank, self.world = rank, world
-        self._perm_epoch, self._perm = -1, None
-
-    def indices(self, step: int) -> torch.Tensor:
-        per_epoch = self.n // self.bs
-        epoch, i = divmod(step, per_epoch)
-        if epoch != self._perm_epoch:
-            g = torch.Generator().manual_seed(self.seed * 100_003 + epoch)
-            self._perm, self._perm_epoch = torch.randperm(self.n, generator=g), epoch
-        idx = self._perm[i * self.bs : (i + 1) * self.bs]
-        return idx[self.rank :: self.world]
-
-    def __call__(self, step: int):
-        return self.fetch(self.indices(step))
 
 
 # ------------------------------------------------------------------------------------ checkpoints

@@ -1,22 +1,26 @@
-"""Tokenizer training (notebook 02): data with cached bases, the compound-loss loop, loading."""
+"""Tokenizer training (notebook 02): the streaming data path, the compound-loss loop, loading.
+
+Training reads the dataset through :mod:`cartlib.data.stream` (lazy, augmented as
+``data.mid_ratio/random_crop/hflip`` say, DataLoader workers, sharded over processes) and takes
+the bases B_1..B_n from the switch ``data.cache_bases``: the on-disk cache (small datasets) or
+the decomposition of each batch on the training device. ``data=(images, bases, labels)`` trains
+on tensors held in memory instead (notebook 02 and the tests), with the same step sampler.
+"""
 
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from accelerate import PartialState
 from accelerate.utils import broadcast
-from tqdm.auto import tqdm
 
 from cartlib.config import save_config
-from cartlib.data import load_dataset_from_config
-from cartlib.decompose.cache import DecomposedDataset
+from cartlib.data.augment import centre
+from cartlib.data.stream import Bases, StepSampler, StepStream, batches, source_for
 from cartlib.perceptual import lpips_model
 from cartlib.tokenizer import Tokenizer
 from cartlib.tokenizer.losses import CompoundLoss
 from cartlib.train.loop import (
-    StepBatches,
     build_optimizer,
     load_stage,
     lr_lambda,
@@ -24,37 +28,42 @@ from cartlib.train.loop import (
     run_loop,
 )
 
+IN_MEMORY_BYTES = 8 << 30  # tokenizer_training_data refuses to hold more than this in RAM
+READ_BATCH = 256  # images per read when a split is loaded into memory
+
 
 # ------------------------------------------------------------------------------------ tokenizer
-def materialize(dataset, progress: bool = True, batch_size: int = 512) -> tuple[torch.Tensor, ...]:
-    """Stack a (small) dataset into in-memory tensors: images as float16, bases too, labels int64.
-
-    Smoke and tiny runs fit easily (20k x 4 x 3 x 32 x 32 halves = 250 MB) and then need no
-    DataLoader workers, which is also what makes every step's batch cheap and exactly
-    reproducible."""
-    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=False)
-    cols: list[list[torch.Tensor]] = []
-    for batch in tqdm(loader, desc="loading data", disable=not progress, leave=False):
-        for i, t in enumerate(batch):
-            if len(cols) <= i:
-                cols.append([])
-            cols[i].append(t.half() if t.is_floating_point() else t.long())
-    return tuple(torch.cat(c) for c in cols)
+def default_device() -> torch.device:
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
-def tokenizer_training_data(cfg, split: str = "train", progress: bool = True):
-    """(images, bases or None, labels) tensors for ``cfg``: bases B_1..B_n from the on-disk
-    decomposition cache when the quantizer is base-detail (computed once, then reused)."""
-    ds = load_dataset_from_config(cfg.data, split)
-    if cfg.order == 0:
-        images, labels = materialize(ds, progress)
-        return images, None, labels
-    d = cfg.decompose
-    with PartialState().main_process_first():  # under a launcher: decomposed once, then loaded
-        dds = DecomposedDataset(
-            ds, order=cfg.order, alpha=d.alpha, lam=d.lam, eps=d.eps, progress=progress
+def tokenizer_training_data(cfg, split: str = "train", progress: bool = True, device=None):
+    """A (small) split held in memory: (images float16 (N, 3, R, R), bases float16
+    (N, n, 3, R, R) or None at order 0, labels int64 (N,)) — the pipeline's centre crops and
+    their bases from the ``data.cache_bases`` switch (decomposed on ``device``, default: the
+    GPU if there is one). For evaluation sets and smoke/tiny training; ImageNet-size splits
+    stream instead (``train_tokenizer(cfg, run_dir)``) and are refused here."""
+    source = source_for(cfg.data, split, progress)
+    n, r, order = len(source), cfg.data.resolution, cfg.order
+    need = n * 3 * r * r * 2 * (1 + order)
+    if need > IN_MEMORY_BYTES:
+        raise MemoryError(
+            f"holding the {n} {split} images of {source.key} and their {order} bases in memory "
+            f"needs {need / 2**30:.1f} GiB; lower data.train_limit/test_limit, or train from the "
+            "stream (train_tokenizer(cfg, run_dir) without data=)"
         )
-    return materialize(dds, progress)
+    device = torch.device(device) if device is not None else default_device()
+    bases_of = Bases(cfg, source, device, progress)
+    images = torch.empty(n, 3, r, r, dtype=torch.float16)
+    bases = torch.empty(n, order, 3, r, r, dtype=torch.float16) if order else None
+    labels = torch.empty(n, dtype=torch.long)
+    reads = [[centre(i) for i in range(s, min(n, s + READ_BATCH))] for s in range(0, n, READ_BATCH)]
+    for x, y, idx in batches(source, reads, cfg.data.workers, device.type == "cuda"):
+        x = x.to(device).float().div_(255)  # (b, 3, R, R)
+        images[idx], labels[idx] = x.half().cpu(), y
+        if bases is not None:
+            bases[idx] = bases_of(x, idx).half().cpu()
+    return images, bases, labels
 
 
 def tokenizer_dir(run_dir: str | Path, cfg) -> Path:
@@ -71,14 +80,34 @@ def train_tokenizer(
     """Train the VQ-VAE tokenizer of ``cfg`` (a RunConfig) with the compound loss (Eq. 2).
 
     Returns ``(tokenizer, history)``; checkpoints and ``history.json`` go to
-    ``tokenizer_dir(run_dir, cfg)``. ``data`` = (images, bases, labels) skips loading."""
-    t = cfg.tokenizer
+    ``tokenizer_dir(run_dir, cfg)``. Without ``data`` the training set streams (see the module
+    docstring); ``data`` = (images, bases or None, labels) in memory trains on those tensors as
+    they are (no augmentation)."""
+    t, d = cfg.tokenizer, cfg.data
+    source = None if data is not None else source_for(d, "train", progress)  # data errors first
     out_dir = tokenizer_dir(run_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
     torch.manual_seed(t.seed)
     acc = make_accelerator(cfg.mixed_precision)
-    images, bases, _ = data if data is not None else tokenizer_training_data(cfg, "train", progress)
+    n_items = len(data[0]) if data is not None else len(source)
+    sampler = StepSampler(n_items, t.batch_size, t.seed, acc.process_index, acc.num_processes,
+                          d.random_crop, d.hflip)  # fmt: skip
+    if data is not None:
+        images, bases, _ = data
+
+        def fetch(step):
+            idx = sampler.local_indices(step)
+            x = images[idx].float().to(acc.device)
+            return x, bases[idx].float().to(acc.device) if bases is not None else None
+    else:
+        stream = StepStream(source, sampler, acc.device, t.steps, d.workers)
+        bases_of = Bases(cfg, source, acc.device, progress)
+
+        def fetch(step):
+            x, _, idx = stream(step)
+            return x, bases_of(x, idx)
+
     tok = Tokenizer(t, cfg.decompose, cfg.data.resolution)
     perceptual = None
     if t.w_lpips > 0:
@@ -99,18 +128,10 @@ def train_tokenizer(
     modules["tokenizer"] = tok
     optimizers["opt"] = opt
 
-    def fetch(idx):
-        x = images[idx].float().to(acc.device)
-        b = bases[idx].float().to(acc.device) if bases is not None else None
-        return x, b
-
-    batches = StepBatches(
-        len(images), t.batch_size, t.seed, fetch, acc.process_index, acc.num_processes
-    )
     quant = acc.unwrap_model(tok).quantizer
 
     def step_fn(step: int) -> dict[str, float]:
-        x, b = batches(step)
+        x, b = fetch(step)
         tok.train()
         with acc.autocast():
             out = tok(x, b)
@@ -134,19 +155,23 @@ def train_tokenizer(
                 broadcast(quant.codebook.weight.data, from_process=0)
         return logs
 
-    history = run_loop(
-        accelerator=acc,
-        modules=modules,
-        optimizers=optimizers,
-        schedulers=schedulers,
-        step_fn=step_fn,
-        total_steps=t.steps,
-        ckpt_dir=out_dir,
-        ckpt_every=t.ckpt_every,
-        stop_after=stop_after,
-        progress=progress,
-        desc=f"tokenizer ({t.quantizer})",
-    )
+    try:
+        history = run_loop(
+            accelerator=acc,
+            modules=modules,
+            optimizers=optimizers,
+            schedulers=schedulers,
+            step_fn=step_fn,
+            total_steps=t.steps,
+            ckpt_dir=out_dir,
+            ckpt_every=t.ckpt_every,
+            stop_after=stop_after,
+            progress=progress,
+            desc=f"tokenizer ({t.quantizer})",
+        )
+    finally:
+        if data is None:
+            stream.close()
     tok = acc.unwrap_model(tok).eval()
     return tok, history
 

@@ -1,0 +1,229 @@
+"""Token shards: the extracted token sequences of a dataset split, memory-mapped from disk.
+
+A folder ``<tokenizer dir>/tokens-<split>/`` holds, for shard k of ``shard_size`` images:
+
+- ``shard-0000k.npy``: uint16 (n_k, views, L), the flattened token maps r_1..r_M (Alg. 1) of
+  every view of every image, row order = image order (a numpy ``.npy``: memory-mappable);
+- ``shard-0000k.labels.npy``: int32 (n_k,), the class labels;
+- ``shard-0000k.json``: what the shard holds (first image, count, views, L, schedule, tokenizer
+  hash); written last, so a shard without it is unfinished and is encoded again on resume;
+
+and ``manifest.json`` (schedule, tokenizer hash, counts, the shard list) once every shard is done.
+
+Design decisions:
+
+- **uint16**: codebooks up to 65,536 codes (the paper: 4,096); 2 bytes per token, so ImageNet at
+  256 px (2,066 tokens per image) is 5.3 GB per view, read a batch of rows at a time.
+- **Checked on load**: every shard's size against its header and its record, its tokenizer hash
+  against the manifest's (and the tokenizer in use), its count against the manifest. A bad shard
+  is an error naming the shard and the command that rebuilds it; nothing is deleted.
+- **Per-shard resume**: files are written under a temporary name and renamed, the record last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from cartlib.io import atomic_write_bytes
+
+SHARD_FORMAT = 1
+TOKEN_DTYPE = np.uint16
+
+
+class ShardError(RuntimeError):
+    """A token shard is missing, truncated or from another tokenizer; the message names it and
+    the command that rebuilds it."""
+
+
+def tokenizer_hash(tokenizer) -> str:
+    """A short hash of a tokenizer's weights: tokens extracted with it carry it."""
+    h = hashlib.sha256()
+    for name, t in sorted(tokenizer.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def shard_folder(tokenizer_dir: str | os.PathLike, split: str) -> Path:
+    return Path(tokenizer_dir) / f"tokens-{split}"
+
+
+@dataclass(frozen=True)
+class Shard:
+    index: int
+    start: int  # first image
+    count: int  # images
+
+    @property
+    def name(self) -> str:
+        return f"shard-{self.index:05d}"
+
+    def paths(self, folder: Path) -> tuple[Path, Path, Path]:
+        """(tokens .npy, labels .npy, record .json)."""
+        return (folder / f"{self.name}.npy", folder / f"{self.name}.labels.npy",
+                folder / f"{self.name}.json")  # fmt: skip
+
+
+def plan_shards(n_images: int, shard_size: int) -> list[Shard]:
+    """Consecutive shards of ``shard_size`` images (the last one shorter)."""
+    if shard_size < 1:
+        raise ValueError(f"data.shard_size={shard_size} must be a positive number of images")
+    return [Shard(k, s, min(shard_size, n_images - s))
+            for k, s in enumerate(range(0, n_images, shard_size))]  # fmt: skip
+
+
+def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
+    """(shape, dtype, header bytes) of a .npy file, without reading its data."""
+    readers = {
+        (1, 0): np.lib.format.read_array_header_1_0,
+        (2, 0): np.lib.format.read_array_header_2_0,
+    }
+    with open(path, "rb") as f:
+        version = np.lib.format.read_magic(f)
+        if version not in readers:
+            raise ValueError(f".npy format version {version} is not one numpy writes for shards")
+        shape, _, dtype = readers[version](f)
+        return shape, dtype, f.tell()
+
+
+def check_shard(folder: Path, shard: Shard, expect: dict) -> str | None:
+    """Why shard ``shard`` is not a finished shard holding ``expect`` (tokenizer, views, seq_len),
+    "missing" when it was never finished, or None when it is good."""
+    tokens, labels, record = shard.paths(folder)
+    if not record.exists():
+        return "missing"
+    try:
+        rec = json.loads(record.read_text())
+    except (OSError, ValueError) as e:
+        return f"its record {record.name} cannot be read ({e})"
+    if rec.get("tokenizer") != expect["tokenizer"]:
+        return (f"it was extracted with another tokenizer (hash {rec.get('tokenizer')}, this one "
+                f"is {expect['tokenizer']})")  # fmt: skip
+    want = {
+        "start": shard.start,
+        "count": shard.count,
+        **{k: expect[k] for k in ("views", "seq_len")},
+    }
+    got = {k: rec.get(k) for k in want}
+    if got != want:
+        return f"its record says {got}, expected {want}"
+    shape = (shard.count, expect["views"], expect["seq_len"])
+    for path, want_shape, dtype in ((tokens, shape, TOKEN_DTYPE), (labels, shape[:1], np.int32)):
+        if not path.exists():
+            return f"{path.name} is missing"
+        try:
+            got_shape, got_dtype, header = _npy_header(path)
+        except (OSError, ValueError) as e:
+            return f"{path.name} is not a readable .npy file ({e})"
+        if got_shape != want_shape or got_dtype != np.dtype(dtype):
+            want_what = f"{np.dtype(dtype)} {want_shape}"
+            return f"{path.name} holds {got_dtype} {got_shape}, expected {want_what}"
+        size, need = (
+            path.stat().st_size,
+            header + int(np.prod(want_shape)) * np.dtype(dtype).itemsize,
+        )
+        if size != need:
+            return f"{path.name} is truncated ({size} of {need} bytes)"
+    return None
+
+
+def shard_error(folder: Path, shard: Shard, reason: str, rebuild: str) -> ShardError:
+    files = " ".join(str(p) for p in shard.paths(folder))
+    return ShardError(
+        f"token shard {folder / shard.name}.npy is unusable: {reason}. Rebuild it (nothing else "
+        f"is re-encoded: extraction resumes shard by shard):\n  rm -f {files}\n  {rebuild}"
+    )
+
+
+class ShardWriter:
+    """Writes one shard: ``write(row, tokens (b, L))`` fills views in row order (row = image *
+    views + view), ``finish(labels)`` renames the files into place, the record last."""
+
+    def __init__(self, folder: Path, shard: Shard, meta: dict):
+        self.folder, self.shard, self.meta = folder, shard, meta
+        self.paths = shard.paths(folder)
+        self._tmp = self.paths[0].with_name(f".{self.shard.name}.npy.tmp")
+        shape = (shard.count, meta["views"], meta["seq_len"])
+        self.array = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=TOKEN_DTYPE, shape=shape)
+        self.flat = self.array.reshape(-1, meta["seq_len"])  # (count * views, L), a view
+
+    def write(self, row: int, tokens: np.ndarray) -> None:
+        self.flat[row : row + len(tokens)] = tokens
+
+    def finish(self, labels: np.ndarray) -> None:
+        self.array.flush()
+        del self.flat, self.array
+        os.replace(self._tmp, self.paths[0])
+        tmp = self.paths[1].with_name(f".{self.shard.name}.labels.npy.tmp")
+        with open(tmp, "wb") as f:
+            np.save(f, labels.astype(np.int32))
+        os.replace(tmp, self.paths[1])
+        record = {**self.meta, "start": self.shard.start, "count": self.shard.count}
+        atomic_write_bytes(self.paths[2], json.dumps(record, indent=1).encode())
+
+
+def write_manifest(folder: Path, shards: list[Shard], meta: dict) -> None:
+    manifest = {
+        **meta,
+        "format": SHARD_FORMAT,
+        "num_images": sum(s.count for s in shards),
+        "shards": [{"name": s.name, "start": s.start, "count": s.count} for s in shards],
+    }
+    atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+
+
+class TokenShards:
+    """The token shards of a folder, checked and memory-mapped (nothing is read until asked).
+
+    ``rows(idx, view)`` -> int64 (b, L): the sequences of images ``idx`` (b,) in views ``view``
+    (b,); ``labels`` int64 (N,); ``num_classes``, ``views``, ``seq_len``, ``len()`` = images.
+    ``tokenizer``: the hash the shards must carry (None: the manifest's); ``rebuild``: the command
+    an error message gives to rebuild a bad shard."""
+
+    def __init__(self, folder: str | os.PathLike, tokenizer: str | None = None, rebuild: str = ""):
+        self.folder = Path(folder)
+        path = self.folder / "manifest.json"
+        if not path.exists():
+            raise ShardError(f"{path} is missing: the tokens of this split were not extracted "
+                             f"(or not to the end); run:\n  {rebuild}")  # fmt: skip
+        self.manifest = m = json.loads(path.read_text())
+        self.views, self.seq_len, self.num_classes = m["views"], m["seq_len"], m["num_classes"]
+        self.shards = [Shard(k, s["start"], s["count"]) for k, s in enumerate(m["shards"])]
+        self.shard_size = self.shards[0].count if self.shards else 1
+        if tokenizer is not None and m["tokenizer"] != tokenizer:
+            raise ShardError(
+                f"the tokens in {self.folder} were extracted with another tokenizer (hash "
+                f"{m['tokenizer']}; this one is {tokenizer}): every shard must be rebuilt:\n"
+                f"  rm -r {self.folder}\n  {rebuild}"
+            )
+        expect = {**m, "tokenizer": m["tokenizer"]}
+        arrays, labels = [], []
+        for shard in self.shards:
+            reason = check_shard(self.folder, shard, expect)
+            if reason is not None:
+                raise shard_error(self.folder, shard, reason, rebuild)
+            tokens_path, labels_path, _ = shard.paths(self.folder)
+            arrays.append(np.load(tokens_path, mmap_mode="r"))
+            labels.append(np.load(labels_path))
+        self._arrays = arrays
+        self.labels = torch.from_numpy(np.concatenate(labels).astype(np.int64))
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def rows(self, idx: torch.Tensor, view: torch.Tensor) -> torch.Tensor:
+        """Token sequences of images ``idx`` in views ``view``, read from the shards. (b, L)"""
+        idx, view = idx.numpy(), view.numpy()
+        out = np.empty((len(idx), self.seq_len), dtype=TOKEN_DTYPE)
+        shard, local = np.divmod(idx, self.shard_size)
+        for k in np.unique(shard):
+            sel = shard == k
+            out[sel] = self._arrays[k][local[sel], view[sel]]
+        return torch.from_numpy(out.astype(np.int64))

@@ -1,0 +1,249 @@
+"""The stages of a full-scale run that are not training: token extraction and sampling for FID.
+
+Both run in-process or under ``accelerate launch`` (``python -m cartlib extract-tokens|sample``)
+and split their work into fixed units handed out round-robin to the processes (shard k or chunk
+c goes to process k mod P). A unit is always computed whole, in the same batches, so the files
+do not depend on the number of processes, and a unit whose files exist is skipped: a killed job
+resumes where it stopped and ends with the same files.
+
+- :func:`extract_shards` encodes every view of every image of a split (Alg. 1) into the token
+  shards of :mod:`cartlib.shards`: decode + augment in DataLoader workers, the decomposition
+  (Eq. 6) on the device per batch (or from the on-disk cache for small datasets), the encoder.
+- :func:`sample_images` draws ``per_class`` samples of every class (the paper's FID protocol:
+  50 x 1000) in chunks of ``batch`` images with one seed per chunk, writes them as PNGs (one per
+  image, written atomically) and packs the ADM evaluator's ``samples.npz`` (``arr_0`` uint8
+  (N, H, W, 3)) from them, streamed: neither holds all images in memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from accelerate import PartialState
+from PIL import Image
+from tqdm.auto import tqdm
+
+from cartlib import train
+from cartlib.config import ConfigError
+from cartlib.data.augment import hash_seed, view
+from cartlib.data.stream import Bases, ItemSource, batches, source_for
+from cartlib.io import atomic_write_bytes
+from cartlib.launch import command_for
+from cartlib.sample import generate
+from cartlib.shards import (
+    TOKEN_DTYPE,
+    ShardWriter,
+    TokenShards,
+    check_shard,
+    plan_shards,
+    shard_error,
+    shard_folder,
+    tokenizer_hash,
+    write_manifest,
+)
+
+
+# ---------------------------------------------------------------------------- token extraction
+def trained(stage: str, cfg, run_dir, tokenizer=None):
+    """The finished tokenizer (``stage="tokenizer"``) or transformer (``"ar"``, on ``tokenizer``)
+    of ``cfg`` in ``run_dir``; an unfinished or missing one is an error giving the command."""
+    folder = (train.tokenizer_dir if stage == "tokenizer" else train.ar_dir)(run_dir, cfg)
+    steps = cfg.tokenizer.steps if stage == "tokenizer" else cfg.ar.steps
+    ckpt = folder / train.CKPT_NAME
+    done = train.load_checkpoint(ckpt)["step"] if ckpt.exists() else 0
+    if done < steps:
+        command = command_for(folder / "config.yaml", run_dir, cfg, stage=f"train-{stage}")
+        raise FileNotFoundError(
+            f"{folder} holds no finished {stage} ({done} of {steps} steps): train it first:\n"
+            f"  {command}"
+        )
+    if stage == "tokenizer":
+        return train.load_tokenizer(folder)
+    return train.load_ar(folder, tokenizer)
+
+
+def extract_command(cfg, run_dir, split: str = "train") -> str:
+    """The command that (re)builds the token shards of ``split`` (it resumes shard by shard)."""
+    tok_dir = train.tokenizer_dir(run_dir, cfg)
+    cmd = command_for(tok_dir / "config.yaml", run_dir, cfg, stage="extract-tokens")
+    return cmd + ("" if split == "train" else f" --split {split}")
+
+
+def _meta(cfg, tokenizer, source: ItemSource, split: str) -> dict:
+    sched = tokenizer.schedule
+    if tokenizer.quantizer.codebook_size > np.iinfo(TOKEN_DTYPE).max + 1:
+        raise ConfigError(
+            f"codebook_size={tokenizer.quantizer.codebook_size} does not fit the uint16 token "
+            "shards (at most 65536 codes)"
+        )
+    d = cfg.data
+    return {
+        "split": split,
+        "dataset": source.key,
+        "views": d.views,
+        "seq_len": sched.seq_len,
+        "schedule": sched.describe(),
+        "codebook_size": tokenizer.quantizer.codebook_size,
+        "num_classes": source.num_classes,
+        "augment": {"mid_ratio": d.mid_ratio, "resolution": d.resolution},
+        "tokenizer": tokenizer_hash(tokenizer),
+        "shard_size": d.shard_size,
+    }
+
+
+@torch.no_grad()
+def extract_shards(
+    cfg, run_dir, tokenizer, split: str = "train", source=None, progress: bool = True
+) -> TokenShards:
+    """Encode ``split`` into token shards next to the tokenizer (this process's share of the
+    unfinished shards; all of them without a launcher) and return them, checked, memory-mapped.
+    ``source``: the split's ItemSource when the caller already opened it."""
+    state, d = PartialState(), cfg.data
+    if d.views < 1:
+        raise ConfigError(f"data.views={d.views} must be >= 1 (1: the centre crop)")
+    if d.cache_bases and d.views > 1 and cfg.order:
+        raise ConfigError(
+            f"data.views={d.views} encodes mirrored or cropped views, whose bases the on-disk "
+            "cache (data.cache_bases=True, centre crops only) does not hold: set "
+            "data.cache_bases=False (decomposed per batch on the device) or data.views=1"
+        )
+    source = source or source_for(d, split, progress)
+    folder = shard_folder(train.tokenizer_dir(run_dir, cfg), split)
+    rebuild = extract_command(cfg, run_dir, split)
+    device = state.device
+    tokenizer = tokenizer.to(device).eval()
+    meta = _meta(cfg, tokenizer, source, split)
+    shards = plan_shards(len(source), d.shard_size)
+    todo = []
+    for shard in shards[state.process_index :: state.num_processes]:
+        reason = check_shard(folder, shard, meta)
+        if reason == "missing":
+            todo.append(shard)
+        elif reason is not None:
+            raise shard_error(folder, shard, reason, rebuild)
+    if todo:
+        folder.mkdir(parents=True, exist_ok=True)
+        _encode(cfg, tokenizer, source, folder, todo, meta, device, progress)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        for shard in shards:
+            reason = check_shard(folder, shard, meta)
+            if reason is not None:
+                raise shard_error(folder, shard, reason, rebuild)
+        write_manifest(folder, shards, meta)
+    state.wait_for_everyone()
+    return TokenShards(folder, meta["tokenizer"], rebuild)
+
+
+def _encode(cfg, tokenizer, source, folder, todo, meta, device, progress) -> None:
+    """Encode the shards ``todo`` in fixed batches of ``tokenizer.batch_size`` views."""
+    views, bs, seed = meta["views"], cfg.tokenizer.batch_size, cfg.tokenizer.seed
+    bases_of = Bases(cfg, source, device, progress)
+    plan = []  # (shard, first row, requests) per batch, in reading order
+    for shard in todo:
+        rows = [view(i, v, seed) for i in range(shard.start, shard.start + shard.count)
+                for v in range(views)]  # fmt: skip
+        plan += [(shard, r, rows[r : r + bs]) for r in range(0, len(rows), bs)]
+    reads = batches(source, [reqs for _, _, reqs in plan], cfg.data.workers, device.type == "cuda")
+    bar = tqdm(total=sum(s.count for s in todo), desc="extract tokens", unit="img",
+               disable=not progress)  # fmt: skip
+    writer, labels = None, None
+    for (shard, row, _), (x, y, idx) in zip(plan, reads, strict=True):
+        if writer is None or writer.shard != shard:
+            writer, labels = ShardWriter(folder, shard, meta), np.zeros(shard.count, np.int32)
+        x = x.to(device, non_blocking=True).float().div_(255)  # (b, 3, R, R)
+        maps = tokenizer.encode(x, bases_of(x, idx))  # M maps (b, h_k, w_k)
+        flat = torch.cat([m.flatten(1) for m in maps], 1)  # (b, L)
+        writer.write(row, flat.cpu().numpy().astype(TOKEN_DTYPE))
+        labels[idx.numpy() - shard.start] = y.numpy()
+        if row + len(idx) == shard.count * views:
+            writer.finish(labels)
+        bar.update(len(idx) / views)
+    bar.close()
+
+
+# ------------------------------------------------------------------------------------ sampling
+def sample_folder(cfg, run_dir, settings: dict) -> Path:
+    """``<ar dir>/samples-<hash of the sampling settings>``."""
+    key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
+    return train.ar_dir(run_dir, cfg) / f"samples-{key}"
+
+
+def _write_png(path: Path, image: np.ndarray) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    Image.fromarray(image).save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+@torch.no_grad()
+def sample_images(
+    cfg,
+    run_dir,
+    per_class: int = 50,
+    batch: int = 50,
+    guidance: float = 1.5,
+    cfg_schedule: str = "linear",
+    top_k: int = 0,
+    top_p: float = 1.0,
+    temperature: float = 1.0,
+    seed: int = 0,
+    progress: bool = True,
+) -> Path:
+    """``per_class`` samples of every class of the trained transformer of ``cfg``: image j has
+    label j mod C and belongs to chunk j // batch, generated with the seed (seed, chunk). Writes
+    ``png/<j>.png``, ``samples.npz`` and ``manifest.json`` into :func:`sample_folder` (returned).
+    """
+    state = PartialState()
+    tok = trained("tokenizer", cfg, run_dir).to(state.device)
+    model = trained("ar", cfg, run_dir, tok).to(state.device)
+    settings = {"per_class": per_class, "batch": batch, "guidance": guidance, "seed": seed,
+                "cfg_schedule": cfg_schedule, "top_k": top_k, "top_p": top_p,
+                "temperature": temperature}  # fmt: skip
+    folder = sample_folder(cfg, run_dir, settings)
+    png = folder / "png"
+    png.mkdir(parents=True, exist_ok=True)
+    n, nc = per_class * model.num_classes, model.num_classes
+    chunks = range(0, n, batch)
+    mine = [c for k, c in enumerate(chunks) if k % state.num_processes == state.process_index]
+    paths = lambda c: [png / f"{j:06d}.png" for j in range(c, min(n, c + batch))]
+    todo = [c for c in mine if not all(p.exists() for p in paths(c))]
+    for c in tqdm(todo, desc="sampling", unit="batch", disable=not progress):
+        labels = torch.arange(c, min(n, c + batch)) % nc
+        kw = {"cfg_schedule": cfg_schedule, "top_k": top_k, "top_p": top_p}
+        gen = generate(model, tok, labels, guidance, temperature=temperature,
+                       seed=hash_seed(seed, c // batch), **kw)  # fmt: skip
+        images = (gen.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        for path, image in zip(paths(c), images, strict=True):
+            _write_png(path, image)
+    state.wait_for_everyone()
+    if state.is_main_process:
+        pack_npz([png / f"{j:06d}.png" for j in range(n)], folder / "samples.npz")
+        manifest = {**settings, "count": n, "num_classes": nc, "labels": "j mod num_classes"}
+        atomic_write_bytes(folder / "manifest.json", json.dumps(manifest, indent=1).encode())
+    state.wait_for_everyone()
+    return folder
+
+
+def pack_npz(files: list[Path], path: Path) -> None:
+    """The ADM evaluator's batch ``arr_0`` uint8 (N, H, W, 3) from PNG files, written one image
+    at a time into the (uncompressed) zip (atomically: temp file, then rename)."""
+    first = np.asarray(Image.open(files[0]).convert("RGB"))
+    header = {"descr": "|u1", "fortran_order": False, "shape": (len(files), *first.shape)}
+    tmp = path.with_name(f".{path.name}.tmp")
+    with zipfile.ZipFile(tmp, "w", zipfile.ZIP_STORED, allowZip64=True) as zf:
+        entry = zipfile.ZipInfo("arr_0.npy", date_time=(1980, 1, 1, 0, 0, 0))  # reproducible
+        with zf.open(entry, "w", force_zip64=True) as f:
+            np.lib.format.write_array_header_1_0(f, header)
+            for file in files:
+                with Image.open(file) as im:
+                    arr = np.asarray(im.convert("RGB"))
+                if arr.shape != first.shape:
+                    raise ValueError(f"{file} is {arr.shape}, the first sample {first.shape}")
+                f.write(np.ascontiguousarray(arr).tobytes())
+    os.replace(tmp, path)

@@ -1,0 +1,275 @@
+"""The full-scale data path on a synthetic image folder: streaming, VAR augmentation, exact resume,
+token shards (extraction under 1 and 2 processes, resume, checks on load), sharded sampling, bad
+input, and memory that does not grow with the dataset."""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from cartlib import runs, stages, train
+from cartlib.__main__ import main
+from cartlib.config import load_preset, save_config
+from cartlib.data import load_dataset
+from cartlib.data.augment import Crop, crop_pil, view
+from cartlib.data.stream import ItemSource, StepSampler, StepStream, source_for
+from cartlib.data.synthetic import make_image_folder
+from cartlib.shards import ShardError, TokenShards
+
+TOK = {"channels": 8, "ch_mult": [1, 2], "latent_channels": 4, "codebook_size": 32,
+       "base_patch_nums": [1, 2, 4, 8], "batch_size": 8, "steps": 2, "ckpt_every": 100}  # fmt: skip
+AR = {"depth": 1, "width": 32, "heads": 2, "steps": 3, "batch_size": 8, "ckpt_every": 100}
+VAR_AUG = {"mid_ratio": 1.125, "random_crop": True, "hflip": True}
+
+
+def scale_cfg(root, resolution=16, **data):
+    """A tiny full-scale-style run: image folder, VAR augmentation, per-batch decomposition."""
+    data = {"dataset": "imagefolder", "root": str(root), "resolution": resolution,
+            "train_limit": None, "test_limit": None, "cache_bases": False, "shard_size": 16,
+            "views": 2, **VAR_AUG, **data}  # fmt: skip
+    return load_preset("smoke", data=data, decompose={"order": 1}, tokenizer=TOK, ar=AR,
+                       mixed_precision="no")  # fmt: skip
+
+
+def launch(*args, procs=2, timeout=600):
+    """``accelerate launch --cpu --num_processes procs -m cartlib ...`` on a free port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--cpu", "--num_processes",
+           str(procs), "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+           "--main_process_port", str(port), "-m", "cartlib", *map(str, args)]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # what torchrun sets; the reference uses 1 too
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def files_of(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def run(tmp_path_factory):
+    """A synthetic folder, a trained tokenizer and the 1-process token shards (the reference);
+    one thread, as each process of a 2-process launch has."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    base = tmp_path_factory.mktemp("scale")
+    root = make_image_folder(base / "images", images=40, val_images=8, sizes=(14, 40))
+    cfg = scale_cfg(root)
+    save_config(cfg, base / "config.yaml")
+    tok = runs.ensure_tokenizer(cfg, base / "ref", progress=False)
+    shards, _, _ = runs.ensure_tokens(cfg, base / "ref", tok, progress=False)
+    yield {"base": base, "root": root, "cfg": cfg, "tok": tok, "shards": shards}
+    torch.set_num_threads(threads)
+
+
+# -------------------------------------------------------------------------- stream and augment
+def test_var_crop_matches_resize_then_crop(tmp_path):
+    """Cropping the source box and resizing it = PIL's resize of the whole image to short side
+    1.125 R, then the crop and the mirror (VAR's Resize + RandomCrop + flip), to within 2 levels
+    inside the crop (its border may differ: nothing outside the crop bleeds in)."""
+    rng = np.random.default_rng(0)
+    im = Image.fromarray(rng.integers(0, 256, (6, 10, 3), dtype=np.uint8)).resize((100, 60))
+    r, short = 16, 18  # 1.125 x 16
+    big = np.asarray(im.resize((30, short), Image.Resampling.BILINEAR)).astype(int)
+    for req, (top, left) in [(Crop(0), (1, 7)), (Crop(0, 0.99, 0.0, True), (2, 0))]:
+        ref = big[top : top + r, left : left + r]
+        ref = ref[:, ::-1] if req.flip else ref
+        got = crop_pil(im, r, 1.125, req).astype(int)
+        assert got.shape == (r, r, 3) and np.abs(got - ref)[1:-1, 1:-1].max() <= 2
+
+
+def test_step_batches_depend_on_seed_and_step_only(run):
+    """Workers or not, straight or resumed, one process or the union of two: the same batch."""
+    source = source_for(run["cfg"].data, "train", progress=False)
+    sampler = lambda rank=0, world=1: StepSampler(len(source), 8, 5, rank, world, True, True)
+    main_proc = StepStream(source, sampler(), "cpu", 10, workers=0)
+    straight = [main_proc(s) for s in range(4)]
+    workers = StepStream(source, sampler(), "cpu", 10, workers=2)
+    resumed = [workers(s) for s in (2, 3)]  # a resume at step 2
+    workers.close()
+    for (xa, ya, ia), (xb, yb, ib) in zip(straight[2:], resumed, strict=True):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb) and torch.equal(ia, ib)
+    halves = [StepStream(source, sampler(r, 2), "cpu", 10)(3) for r in (0, 1)]
+    assert sorted(torch.cat([h[2] for h in halves]).tolist()) == sorted(straight[3][2].tolist())
+    assert straight[0][0].shape == (8, 3, 16, 16) and 0 <= straight[0][0].min() <= 1
+
+
+def test_in_memory_fast_path_equals_the_per_item_path():
+    ds = load_dataset("fashion-mnist", resolution=28, limit=32, progress=False)
+    fast, slow = ItemSource(ds, 28), ItemSource(ds, 28)
+    slow.fast = False
+    reqs = [Crop(i, None, None, i % 3 == 0) for i in (5, 1, 30, 9)]
+    assert fast.fast and all(torch.equal(a, b) for a, b in zip(fast.batch(reqs), slow.batch(reqs)))
+
+
+def test_tokenizer_streams_and_resumes_exactly(run, tmp_path):
+    cfg = run["cfg"].updated(tokenizer={"steps": 4, "ckpt_every": 2})
+    _, straight = train.train_tokenizer(cfg, tmp_path / "a", progress=False)
+    train.train_tokenizer(cfg, tmp_path / "b", progress=False, stop_after=2)
+    _, resumed = train.train_tokenizer(cfg, tmp_path / "b", progress=False)
+    assert [h["step"] for h in resumed] == list(range(4))
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+
+
+# ------------------------------------------------------------------------------------- shards
+def test_shards_hold_every_view_and_are_memory_mapped(run):
+    shards, tok = run["shards"], run["tok"]
+    assert len(shards) == 40 and shards.views == 2 and len(shards.shards) == 3
+    assert all(isinstance(a, np.memmap) for a in shards._arrays)
+    source = source_for(run["cfg"].data, "train", progress=False)
+    # the first extraction batch of shard 1 (tokenizer.batch_size = 8 views: images 16-19);
+    # the tokenizer decomposes it itself here (the same solver on the same batch)
+    x, _, idx = source.batch([view(i, v, 0) for i in range(16, 20) for v in (0, 1)])
+    maps = tok.encode(x.float() / 255)
+    want = torch.cat([m.flatten(1) for m in maps], 1)
+    assert torch.equal(shards.rows(idx, torch.tensor([0, 1] * 4)), want)
+
+
+def test_ar_reads_shards_and_resumes_exactly(run, tmp_path):
+    cfg, tok, shards = run["cfg"], run["tok"], run["shards"]
+    args = (tok, shards, shards.labels, shards.num_classes)
+    _, straight = train.train_ar(cfg, tmp_path / "a", *args, progress=False)
+    train.train_ar(cfg, tmp_path / "b", *args, progress=False, stop_after=1)
+    _, resumed = train.train_ar(cfg, tmp_path / "b", *args, progress=False)
+    for a, b in zip(straight, resumed, strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_killed_extraction_resumes_to_the_same_files(run, tmp_path):
+    """A kill leaves finished shards, a shard renamed but without its record, and a temp file
+    (files are renamed into place, the record last): the rerun encodes only what is missing."""
+    ref = run["shards"].folder
+    killed = tmp_path / "run"
+    shutil.copytree(ref.parent, killed / ref.parent.name)
+    folder = killed / ref.parent.name / ref.name
+    (folder / "manifest.json").unlink()
+    (folder / "shard-00001.json").unlink()
+    (folder / "shard-00002.npy").rename(folder / ".shard-00002.npy.tmp")
+    for p in folder.glob("shard-00002*"):
+        p.unlink()
+    kept = (folder / "shard-00000.npy").stat().st_mtime_ns
+    runs.ensure_tokens(run["cfg"], killed, run["tok"], progress=False)
+    assert files_of(folder) == files_of(ref)
+    assert (folder / "shard-00000.npy").stat().st_mtime_ns == kept
+
+
+def test_bad_shards_name_the_shard_and_the_rebuild_command(run, tmp_path):
+    ref = run["shards"].folder
+    folder = tmp_path / ref.name
+    shutil.copytree(ref, folder)
+    data = (folder / "shard-00001.npy").read_bytes()
+    (folder / "shard-00001.npy").write_bytes(data[:-100])
+    with pytest.raises(ShardError, match=r"(?s)shard-00001\.npy.*truncated.*extract-tokens"):
+        TokenShards(folder, rebuild="accelerate launch -m cartlib extract-tokens ...")
+    (folder / "shard-00001.npy").write_bytes(data)
+    record = json.loads((folder / "shard-00002.json").read_text())
+    (folder / "shard-00002.json").write_text(json.dumps({**record, "tokenizer": "0" * 16}))
+    with pytest.raises(ShardError, match=r"(?s)shard-00002.*another tokenizer.*rm -f"):
+        TokenShards(folder)
+    other = train.load_tokenizer(train.tokenizer_dir(run["base"] / "ref", run["cfg"]))
+    with torch.no_grad():
+        other.quantizer.codebook.weight.add_(1.0)
+    with pytest.raises(ShardError, match=r"(?s)another tokenizer.*rm -r .*tokens-train.*extract"):
+        runs.ensure_tokens(run["cfg"], run["base"] / "ref", other, progress=False)
+
+
+# ------------------------------------------------------------------------------ multi-process
+def test_two_processes_extract_the_same_tokens_train_and_sample_the_same_images(run):
+    base, cfg = run["base"], run["cfg"]
+    ref_tok = train.tokenizer_dir(base / "ref", cfg)
+    skip = shutil.ignore_patterns("tokens-*")
+    shutil.copytree(ref_tok, train.tokenizer_dir(base / "two", cfg), ignore=skip)
+    launch("extract-tokens", "--config", base / "config.yaml", "--run-dir", base / "two")
+    two = train.tokenizer_dir(base / "two", cfg) / "tokens-train"
+    assert files_of(two) == files_of(run["shards"].folder)  # manifest included
+    launch("train-ar", "--config", base / "config.yaml", "--run-dir", base / "two")
+    history = json.loads((train.ar_dir(base / "two", cfg) / "history.json").read_text())
+    assert len(history) == cfg.ar.steps and all(np.isfinite(h["loss"]) for h in history)
+    one = stages.sample_images(cfg, base / "two", per_class=2, batch=3, progress=False)
+    one_files = {p.name: p.read_bytes() for p in sorted((one / "png").iterdir())}
+    npz = np.load(one / "samples.npz")["arr_0"]
+    shutil.move(one, one.with_name("one-process"))
+    args = ("--config", base / "config.yaml", "--run-dir", base / "two", "--per-class", 2)
+    launch("sample", *args, "--batch", 3)
+    assert {p.name: p.read_bytes() for p in sorted((one / "png").iterdir())} == one_files
+    assert np.array_equal(np.load(one / "samples.npz")["arr_0"], npz) and len(npz) == 8
+    (one / "png" / "000004.png").unlink()  # a killed sampling job: a chunk half written
+    (one / "png" / "000005.png").rename(one / "png" / ".000005.png.tmp")
+    stages.sample_images(cfg, base / "two", per_class=2, batch=3, progress=False)
+    assert {p.name: p.read_bytes() for p in sorted((one / "png").iterdir())} == one_files
+
+
+# ---------------------------------------------------------------------------------- bad input
+def test_train_and_val_folders_with_different_classes(tmp_path):
+    for split, classes in (("train", "abc"), ("val", "ab")):
+        for c in classes:
+            (tmp_path / split / c).mkdir(parents=True)
+            Image.new("RGB", (4, 4)).save(tmp_path / split / c / "x.png")
+    with pytest.raises(ValueError, match=r"different class lists: val/ lacks 1 class.*\(c\)"):
+        load_dataset("imagefolder", root=str(tmp_path), progress=False)
+
+
+def test_missing_data_root_fails_first_and_creates_nothing(tmp_path, capsys):
+    cfg = scale_cfg(tmp_path / "nowhere")
+    save_config(cfg, tmp_path / "config.yaml")
+    for stage in ("train-tokenizer", "extract-tokens", "train-ar"):
+        code = main(
+            [stage, "--config", str(tmp_path / "config.yaml"), "--run-dir", str(tmp_path / "r")]
+        )
+        err = capsys.readouterr().err
+        assert code == 1 and "nowhere" in err and "DatasetUnavailableError" in err, err
+    assert not list((tmp_path / "r").rglob("*"))  # no tokenizer folder, config or checkpoint
+
+
+# ------------------------------------------------------------------------------ bounded memory
+RSS_SCRIPT = textwrap.dedent(
+    """
+    import resource, sys
+    from cartlib.__main__ import main
+    code = main(sys.argv[1:])
+    print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss, flush=True)
+    sys.exit(code)
+    """
+)
+RSS_BOUND_MIB = 32  # what may grow from N to 4N images: file lists and labels, not images or bases
+
+
+def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
+    """Tokenizer training, extraction and AR training on N and 4N images (64 px): peak RSS of
+    each stage differs by less than RSS_BOUND_MIB (holding the images and bases in memory, as
+    the old path did, grows by ~100 kB per image: > 100 MiB here)."""
+    n = 150
+    root = make_image_folder(tmp_path / "images", images=4 * n, sizes=(48, 96), seed=1)
+    procs = {}
+    for size in (n, 4 * n):
+        cfg = scale_cfg(root, 64, train_limit=size, views=1, shard_size=256, workers=0)
+        cfg = cfg.updated(tokenizer={"ch_mult": [1, 2, 2, 2]})  # 64 px -> 8 x 8 latent
+        save_config(cfg, tmp_path / f"{size}.yaml")
+    peaks = {size: {} for size in (n, 4 * n)}
+    for stage in ("train-tokenizer", "extract-tokens", "train-ar"):
+        for size in (n, 4 * n):  # both sizes at once: memory is what is measured, not time
+            args = [stage, "--config", tmp_path / f"{size}.yaml", "--run-dir", tmp_path / str(size)]
+            cmd = [sys.executable, "-c", RSS_SCRIPT, *map(str, args)]
+            pipe = subprocess.PIPE
+            procs[size] = subprocess.Popen(cmd, stdout=pipe, stderr=pipe, text=True)
+        for size, proc in procs.items():
+            out, err = proc.communicate(timeout=600)
+            assert proc.returncode == 0, err[-3000:]
+            peaks[size][stage] = int(re.search(r"MAXRSS_KB (\d+)", out).group(1)) / 1024
+    growth = {s: peaks[4 * n][s] - peaks[n][s] for s in peaks[n]}
+    print("peak RSS MiB", peaks, "growth", growth)
+    assert all(g < RSS_BOUND_MIB for g in growth.values()), (peaks, growth)
