@@ -81,13 +81,11 @@ def _stage(args) -> int:
             return EXIT_NOT_TRAINED
         runs.ensure_ar(cfg, args.run_dir)
     else:
-        given = {k: getattr(args, k) for k in ("per_class", "guidance", "cfg_schedule", "top_k")}
-        given |= {"top_p": args.top_p, "temperature": args.temperature}
-        s = cfg.updated(sample={k: v for k, v in given.items() if v is not None}).sample
-        stages.sample_images(
-            cfg, runs.resolve_run_dir(args.run_dir), s.per_class, args.batch, s.guidance,
-            s.cfg_schedule, s.top_k, s.top_p, s.temperature, args.seed,
-        )  # fmt: skip
+        given = {k: getattr(args, k) for k in ("guidance", "cfg_schedule", "top_k", "top_p")}
+        given["temperature"] = args.temperature
+        cfg = cfg.updated(sample={k: v for k, v in given.items() if v is not None})
+        run_dir = runs.resolve_run_dir(args.run_dir)
+        stages.sample_images(cfg, run_dir, args.per_class, args.batch, args.seed)
     return 0
 
 

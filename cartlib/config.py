@@ -140,6 +140,12 @@ class ARConfig:
     lr_end: float = 0.1  # final lr / peak lr (VAR's wpe: 0.1 for d16/d20, 0.01 for d24/d30)
     weight_decay_end: float | None = None  # None = constant; else cosine from weight_decay to
     # this over the run (VAR's twde: 0.08 for d30 and d36)
+    # How one optimizer step of batch_size images is laid out on the devices (cartlib.fit chooses
+    # it for full-scale runs; none of it changes what is learned, beyond float rounding):
+    micro_batch: int | None = None  # images per forward/backward and process; None = the whole
+    # per-process batch (batch_size / num_processes); smaller = gradient accumulation
+    grad_ckpt: bool = False  # recompute each block's activations in backward
+    fsdp: bool = False  # FSDP2 full sharding per block (GPUs, through accelerate)
 
     @property
     def drop_path_rate(self) -> float:
@@ -202,6 +208,7 @@ class RunConfig:
     ar: ARConfig = field(default_factory=ARConfig)
     mixed_precision: str = "no"  # no | bf16 | fp16  (bf16 pays on CPUs with avx512_bf16 too)
     num_processes: int = 1
+    gpu_mem_gib: float = 80.0  # memory of one GPU, for the layout a full-scale run is planned to
     sample: SampleConfig = field(default_factory=SampleConfig)
 
     def __post_init__(self) -> None:
@@ -314,9 +321,9 @@ def check_ranges(section: Any) -> None:
 
 
 SECTIONS = ("data", "decompose", "tokenizer", "ar", "sample")
-NOT_IN_KEYS = ("name",)  # top-level settings that do not change a trained result
+NOT_IN_KEYS = ("name", "gpu_mem_gib")  # top-level settings that change no trained result
 # settings of a section that change how fast, not what, a stage computes
-NOT_IN_KEYS_OF = {"data": ("workers", "shard_size")}
+NOT_IN_KEYS_OF = {"data": ("workers", "shard_size"), "ar": ("micro_batch", "grad_ckpt", "fsdp")}
 
 
 # ----------------------------------------------------------------------------------- type checking

@@ -83,13 +83,14 @@ RANGES: dict[str, dict[str, Range]] = {
         **dict.fromkeys(("init_adaln", "init_adaln_gamma", "init_head"), NON_NEGATIVE),
         "lr_end": Range(0, 1),
         "weight_decay_end": NON_NEGATIVE,
+        "micro_batch": AT_LEAST_1,
     },
     "sample": {
         **dict.fromkeys(("guidance", "top_k", "temperature"), NON_NEGATIVE),
         "top_p": Range(0, 1, lo_open=True),
         **dict.fromkeys(("rejection", "per_class"), AT_LEAST_1),
     },
-    "": {"num_processes": AT_LEAST_1},
+    "": {"num_processes": AT_LEAST_1, "gpu_mem_gib": POSITIVE},
 }
 CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "data": {"bad_files": ("error", "skip")},

@@ -183,28 +183,19 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 @torch.no_grad()
 def sample_images(
-    cfg,
-    run_dir,
-    per_class: int = 50,
-    batch: int = 50,
-    guidance: float = 1.5,
-    cfg_schedule: str = "linear",
-    top_k: int = 0,
-    top_p: float = 1.0,
-    temperature: float = 1.0,
-    seed: int = 0,
-    progress: bool = True,
+    cfg, run_dir, per_class: int | None = None, batch: int = 50, seed: int = 0, progress=True
 ) -> Path:
-    """``per_class`` samples of every class of the trained transformer of ``cfg``: image j has
-    label j mod C and belongs to chunk j // batch, generated with the seed (seed, chunk). Writes
-    ``png/<j>.png``, ``samples.npz`` and ``manifest.json`` into :func:`sample_folder` (returned).
-    """
+    """``per_class`` (default ``cfg.sample.per_class``) samples of every class of the trained
+    transformer of ``cfg``, drawn with the settings of ``cfg.sample`` (guidance, top-k/p,
+    rejection: the full-scale presets hold VAR's FID setting): image j has label j mod C and
+    belongs to chunk j // batch, generated with the seed (seed, chunk). Writes ``png/<j>.png``,
+    ``samples.npz`` and ``manifest.json`` into :func:`sample_folder` (returned)."""
     state = PartialState()
     tok = trained("tokenizer", cfg, run_dir).to(state.device)
     model = trained("ar", cfg, run_dir, tok).to(state.device)
-    settings = {"per_class": per_class, "batch": batch, "guidance": guidance, "seed": seed,
-                "cfg_schedule": cfg_schedule, "top_k": top_k, "top_p": top_p,
-                "temperature": temperature}  # fmt: skip
+    per_class = per_class or cfg.sample.per_class
+    kw = cfg.sample.generate_kwargs()
+    settings = {"per_class": per_class, "batch": batch, "seed": seed, **kw}
     folder = sample_folder(cfg, run_dir, settings)
     png = folder / "png"
     png.mkdir(parents=True, exist_ok=True)
@@ -215,9 +206,7 @@ def sample_images(
     todo = [c for c in mine if not all(p.exists() for p in paths(c))]
     for c in tqdm(todo, desc="sampling", unit="batch", disable=not progress):
         labels = torch.arange(c, min(n, c + batch)) % nc
-        kw = {"cfg_schedule": cfg_schedule, "top_k": top_k, "top_p": top_p}
-        gen = generate(model, tok, labels, guidance, temperature=temperature,
-                       seed=hash_seed(seed, c // batch), **kw)  # fmt: skip
+        gen = generate(model, tok, labels, seed=hash_seed(seed, c // batch), **kw)
         images = (gen.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
         for path, image in zip(paths(c), images, strict=True):
             _write_png(path, image)

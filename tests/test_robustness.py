@@ -29,6 +29,7 @@ from PIL import Image
 from cartlib import data, io, runs, train
 from cartlib.__main__ import main as cli
 from cartlib.config import (
+    NOT_IN_KEYS,
     NOT_IN_KEYS_OF,
     SECTIONS,
     ConfigError,
@@ -81,7 +82,9 @@ SETTINGS = [
     for s in TRAINED
     for f in dataclasses.fields(getattr(RunConfig(), s))
     if f.name not in NOT_IN_KEYS_OF.get(s, ())
-] + [("", f.name) for f in dataclasses.fields(RunConfig()) if f.name not in (*SECTIONS, "name")]
+] + [
+    ("", f.name) for f in dataclasses.fields(RunConfig()) if f.name not in (*SECTIONS, *NOT_IN_KEYS)
+]
 
 
 @pytest.mark.parametrize("section, name", SETTINGS, ids=[f"{s}.{n}" for s, n in SETTINGS])

@@ -8,6 +8,7 @@ several views per image (``data.views``), each step draws one view per item from
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -26,6 +27,7 @@ from cartlib.train.loop import (
     set_weight_decay,
     weight_decay_at,
 )
+from cartlib.train.parallel import checkpoint_blocks, fsdp_plugin
 
 
 # ------------------------------------------------------------------------------- next-detail AR
@@ -74,6 +76,24 @@ def token_rows(tokens) -> tuple[int, int, object]:
     return len(flat), 1, lambda idx, view: flat[idx].long()
 
 
+def micro_batches(a, num_processes: int) -> tuple[int, int]:
+    """(micro-batch, accumulation steps) per process for ``ar`` settings ``a``: the global batch
+    ``batch_size`` = micro-batch x accumulation x processes, whatever the process count."""
+    if a.batch_size % num_processes:
+        raise ValueError(
+            f"ar.batch_size={a.batch_size} does not split over {num_processes} processes: "
+            "choose a batch size divisible by the process count"
+        )
+    local = a.batch_size // num_processes
+    micro = a.micro_batch or local
+    if local % micro:
+        raise ValueError(
+            f"ar.micro_batch={micro} does not divide the {local} images per process "
+            f"(batch_size {a.batch_size} / {num_processes} processes): choose a divisor of {local}"
+        )
+    return micro, local // micro
+
+
 def train_ar(
     cfg,
     run_dir,
@@ -95,10 +115,12 @@ def train_ar(
     save_config(cfg, out_dir / "config.yaml")
     (out_dir / "num_classes.txt").write_text(str(num_classes))
     torch.manual_seed(a.seed)
-    acc = make_accelerator(cfg.mixed_precision)
+    acc = make_accelerator(cfg.mixed_precision, fsdp=fsdp_plugin(a.grad_ckpt) if a.fsdp else None)
     tokenizer = tokenizer.to(acc.device).eval().requires_grad_(False)
     sched = tokenizer.schedule
     model = build_model(cfg, sched, num_classes)
+    if a.grad_ckpt and not a.fsdp:  # under FSDP accelerate's plugin wraps the same blocks
+        checkpoint_blocks(model)
     lr = a.lr * a.batch_size / 256
     opt = build_optimizer(model, lr, a.weight_decay)
     lrs = torch.optim.lr_scheduler.LambdaLR(
@@ -108,27 +130,43 @@ def train_ar(
     core = acc.unwrap_model(model)
     n_items, views, rows = token_rows(tokens)
     sampler = StepSampler(n_items, a.batch_size, a.seed, acc.process_index, acc.num_processes)
+    micro, accumulation = micro_batches(a, acc.num_processes)
 
     def fetch(step: int):
-        idx = sampler.indices(step)
-        view = torch.randint(views, idx.shape, generator=sampler.generator(step))
-        idx, view = idx[sampler.rank :: sampler.world], view[sampler.rank :: sampler.world]
+        """This process's share of step ``step``'s batch: tokens, labels with CFG's label
+        dropout applied — both drawn for the whole global batch from the step's generator, so
+        the step is the same at any process count and micro-batch size."""
+        idx, g = sampler.indices(step), sampler.generator(step)
+        view = torch.randint(views, idx.shape, generator=g)
+        drop = torch.rand(idx.shape, generator=g) < a.cond_drop
+        mine = slice(sampler.rank, None, sampler.world)
+        idx, view, drop = idx[mine], view[mine], drop[mine]
         x = rows(idx, view).to(acc.device, non_blocking=True)  # (b, L)
-        return x, labels[idx].long().to(acc.device)
+        y = torch.where(drop, torch.tensor(num_classes), labels[idx].long())
+        return x, y.to(acc.device)
 
-    def step_fn(step: int) -> dict[str, float]:
-        x, y = fetch(step)
+    def backward(x, y, sync: bool):
+        """Forward and backward of one micro-batch; gradients summed over the micro-batches
+        (each loss / accumulation) and synchronised across processes only on the last."""
         maps = [x[:, sched.step_slice(m)].view(-1, s.h, s.w) for m, s in enumerate(sched)]
         with torch.no_grad():
             inputs = tokenizer.quantizer.teacher_inputs(maps)
-        drop = torch.rand(len(y), device=y.device) < a.cond_drop
-        y = torch.where(drop, torch.full_like(y, num_classes), y)
+        with contextlib.nullcontext() if sync else acc.no_sync(model):
+            with acc.autocast():
+                logits = model(y, inputs)
+            loss, per_loss, per_acc = ar_loss(logits, x, core.level_ids, sched.n_steps)
+            acc.backward(loss / accumulation)
+        return loss.detach(), per_loss, per_acc
+
+    def step_fn(step: int) -> dict[str, float]:
+        x, y = fetch(step)
         model.train()
-        with acc.autocast():
-            logits = model(y, inputs)
-        loss, per_loss, per_acc = ar_loss(logits, x, core.level_ids, sched.n_steps)
         opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
+        parts = [
+            backward(x[i : i + micro], y[i : i + micro], sync=i + micro >= len(x))
+            for i in range(0, len(x), micro)
+        ]
+        loss, per_loss, per_acc = (torch.stack(t).mean(0) for t in zip(*parts))
         gnorm = acc.clip_grad_norm_(model.parameters(), a.grad_clip)
         if a.weight_decay_end is not None:  # VAR's schedule; a pure function of the step
             set_weight_decay(

@@ -39,9 +39,10 @@ from cartlib.train.checkpoints import CKPT_NAME, KEEP, load_latest, save_checkpo
 
 
 # ------------------------------------------------------------------------------------- accelerate
-def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None):
+def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, fsdp=None):
     """An ``accelerate.Accelerator``; in-process (no launcher) its global state is reset first so
-    a notebook can train several models with different precision settings."""
+    a notebook can train several models with different precision settings. ``fsdp``: accelerate's
+    FSDP plugin (:func:`cartlib.train.parallel.fsdp_plugin`), GPUs only."""
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision={mixed_precision!r}: choose 'no', 'bf16' or 'fp16'")
     if cpu is None:
@@ -51,7 +52,12 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None):
         GradientState._reset_state()
     if cpu and mixed_precision == "fp16":
         raise ValueError("mixed_precision='fp16' needs a GPU; use 'bf16' on CPUs")
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision)
+    if cpu and fsdp is not None:
+        raise ValueError(
+            "ar.fsdp=True shards through accelerate's FSDP, which needs GPUs: set ar.fsdp=False "
+            "on CPUs (gradient accumulation via ar.micro_batch also saves memory)"
+        )
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
