@@ -100,3 +100,10 @@ def slurm_script(
             "",
         ]
     )
+
+
+def stage_command(cfg, stage: str, config_path, run_dir) -> str:
+    """The one-machine command of a stage of ``cfg`` (a RunConfig), for messages that say how
+    to produce a missing artifact."""
+    cluster = Cluster(cfg.num_processes)
+    return shlex.join(launch_args(cluster, stage, config_path, run_dir, cfg.mixed_precision))

@@ -24,8 +24,11 @@ from pathlib import Path
 
 import torch
 
+from cartlib.cluster import Cluster, node_commands, slurm_script
 from cartlib.config import RunConfig, save_config
 from cartlib.data import imagefolder_num_classes, load_dataset_from_config
+from cartlib.fit import GIB, Fit, choose_fit, training_memory
+from cartlib.io import atomic_write_bytes
 from cartlib.model import build_model
 
 # A run is "full scale" when its transformer or images are beyond what a CPU trains in minutes.
@@ -45,23 +48,31 @@ class Plan:
     seq_len: int
     schedule: str
     gpus_needed: int
-    gpu_mem_gib: float  # estimated peak per GPU (training)
-    command: str
+    gpu_mem_gib: float  # estimated peak per GPU (training), of the chosen layout
+    command: str  # this machine's command (rank ``cluster.machine_rank``)
     problems: list[str] = field(default_factory=list)
+    fit: Fit | None = None  # micro-batch x accumulation x sharding x checkpointing (full scale)
+    cluster: Cluster = field(default_factory=Cluster)
+    node_commands: list[str] = field(default_factory=list)  # one per machine, rank 0 first
+    slurm_script: Path | None = None  # written into the run directory for multi-node runs
+    config: RunConfig | None = None  # the run's config with the chosen layout (what is launched)
 
     def summary(self) -> str:
         lines = [
             f"mode: {self.mode}",
             f"transformer: {self.n_params / 1e6:.1f}M parameters, {self.seq_len} tokens per image",
             f"schedule: {self.schedule}",
-            f"needs: {self.gpus_needed} GPU(s), ~{self.gpu_mem_gib:.0f} GiB each (estimate)",
-            f"command: {self.command}",
+            f"needs: {self.gpus_needed} GPU(s) on {self.cluster.num_machines} machine(s), "
+            f"~{self.gpu_mem_gib:.0f} GiB each (estimate)",
         ]
-        if self.gpu_mem_gib > 80:
-            lines.append(
-                "note: above an 80 GB GPU at this batch per process: raise num_processes or "
-                "lower batch_size (activation checkpointing / gradient accumulation: not yet)"
-            )
+        if self.fit is not None:
+            lines.append(f"layout per GPU: {self.fit.describe()}")
+        if len(self.node_commands) > 1:
+            lines += [f"machine {r}: {c}" for r, c in enumerate(self.node_commands)]
+        else:
+            lines.append(f"command: {self.command}")
+        if self.slurm_script is not None:
+            lines.append(f"SLURM: sbatch {self.slurm_script}")
         lines += [f"problem: {p}" for p in self.problems]
         return "\n".join(lines)
 
@@ -74,40 +85,8 @@ def preset_for_depth(preset: str, depth: int | None) -> str:
     return preset
 
 
-def estimate_gpu_memory(cfg: RunConfig, n_params: int, seq_len: int) -> float:
-    """Rough peak GiB per GPU: fp32 weights + grads + AdamW moments (16 B/param, sharded by
-    FSDP over the processes beyond 1B parameters) plus the activations of the local batch kept
-    for backward, ~34 bytes per token, width unit and layer in bf16 with flash attention
-    (Korthikanti et al. 2022), without activation checkpointing."""
-    procs = max(1, cfg.num_processes)
-    state = 16 * n_params / (procs if n_params > 1e9 else 1)
-    width = cfg.ar.model_width
-    local_batch = max(1, cfg.ar.batch_size // procs)
-    acts = 34 * local_batch * seq_len * width * cfg.ar.depth
-    return (state + acts) / 2**30
-
-
 def full_scale(cfg: RunConfig) -> bool:
     return cfg.ar.depth >= FULL_SCALE_DEPTH or cfg.data.resolution >= FULL_SCALE_RESOLUTION
-
-
-def command_for(config_path: Path | str, run_dir: Path | str, cfg: RunConfig, stage="train-ar"):
-    args = [
-        "accelerate",
-        "launch",
-        "--num_processes",
-        str(cfg.num_processes),
-        "--mixed_precision",
-        cfg.mixed_precision,
-        "-m",
-        "cartlib",
-        stage,
-        "--config",
-        str(config_path),
-        "--run-dir",
-        str(run_dir),
-    ]
-    return shlex.join(args)
 
 
 def _num_classes(cfg: RunConfig) -> int:
@@ -121,13 +100,45 @@ def _num_classes(cfg: RunConfig) -> int:
         return 1000
 
 
-def plan_ar(cfg: RunConfig, run_dir: str | Path) -> Plan:
-    """Validate ``cfg`` completely and decide where its transformer training runs."""
+def _layout(cfg: RunConfig, n_params: int, seq_len: int) -> tuple[Fit | None, str | None]:
+    """The cheapest layout of a full-scale run on ``num_processes`` GPUs of ``gpu_mem_gib``."""
+    a = cfg.ar
+    try:
+        fit = choose_fit(
+            n_params, a.depth, a.model_width, seq_len, cfg.tokenizer.codebook_size,
+            a.batch_size, cfg.num_processes, cfg.gpu_mem_gib,
+        )  # fmt: skip
+    except ValueError as e:
+        return None, str(e)
+    return fit, None
+
+
+def plan_ar(cfg: RunConfig, run_dir: str | Path, cluster: Cluster | None = None) -> Plan:
+    """Validate ``cfg`` completely and decide where its transformer training runs: here, through
+    ``accelerate launch`` on this machine's GPUs, or (explain) elsewhere — with the layout that
+    fits the GPUs' memory, the command for every machine and, for several, a SLURM script."""
+    cluster = cluster or Cluster(cfg.num_processes)
+    if cluster.num_processes != cfg.num_processes:
+        raise ValueError(
+            f"the cluster runs {cluster.num_processes} processes, the config "
+            f"num_processes={cfg.num_processes}: they must agree"
+        )
     schedule = cfg.schedule()
     model = build_model(cfg, schedule, _num_classes(cfg), device="meta")
     n_params = model.num_params()
-    mem = estimate_gpu_memory(cfg, n_params, schedule.seq_len)
     problems = []
+    fit = None
+    if full_scale(cfg):
+        fit, problem = _layout(cfg, n_params, schedule.seq_len)
+        problems += [problem] if problem else []
+        if fit is not None:
+            layout = {"micro_batch": fit.micro_batch, "fsdp": fit.fsdp}
+            cfg = cfg.updated(ar={**layout, "grad_ckpt": fit.checkpointing})
+    local = cfg.ar.micro_batch or max(1, cfg.ar.batch_size // cfg.num_processes)
+    peak = training_memory(
+        n_params, cfg.ar.depth, cfg.ar.model_width, schedule.seq_len,
+        cfg.tokenizer.codebook_size, local, cfg.num_processes, cfg.ar.fsdp, cfg.ar.grad_ckpt,
+    )["total"] / GIB  # fmt: skip
     if cfg.data.dataset == "imagefolder" and not cfg.data.root:
         problems.append(
             "data.root is not set: point it at an ImageNet folder in ImageFolder layout "
@@ -143,28 +154,32 @@ def plan_ar(cfg: RunConfig, run_dir: str | Path) -> Plan:
             f"{cfg.data.resolution}px): it needs CUDA GPUs (the paper used 16 A100s; this preset "
             f"asks for {cfg.num_processes} processes) and this machine has none"
         )
-    elif full_scale(cfg) and gpus < cfg.num_processes:
+    elif full_scale(cfg) and gpus < cluster.per_machine:
         problems.append(
-            f"num_processes={cfg.num_processes} but only {gpus} GPU(s) here: pass "
-            f"-p num_processes {gpus} (and a smaller batch_size if memory is short)"
+            f"{cluster.per_machine} processes per machine but only {gpus} GPU(s) here: pass "
+            f"-p num_processes {gpus * cluster.num_machines} (the layout keeps the global batch)"
         )
-    config_path = Path(run_dir) / "launch-config.yaml"
+    run_dir = Path(run_dir)
+    config_path = run_dir / "launch-config.yaml"
+    mp = cfg.mixed_precision
+    nodes = node_commands(cluster, "train-ar", config_path, run_dir, mp)
+    slurm = None
+    if cluster.num_machines > 1:
+        slurm = run_dir / "train-ar.slurm"
+        script = slurm_script(cluster, "train-ar", config_path, run_dir, mp, f"cart-{cfg.name}")
+        atomic_write_bytes(slurm, script.encode())
+        save_config(cfg, config_path)  # every machine reads the same config from shared disk
     mode = "explain" if problems else ("launch" if full_scale(cfg) else "in-process")
     return Plan(
-        mode,
-        n_params,
-        schedule.seq_len,
-        schedule.describe(),
-        need,
-        mem,
-        command_for(config_path, run_dir, cfg),
-        problems,
-    )
+        mode, n_params, schedule.seq_len, schedule.describe(), need, peak,
+        nodes[cluster.machine_rank], problems, fit, cluster, nodes, slurm, cfg,
+    )  # fmt: skip
 
 
 def launch(plan: Plan, cfg: RunConfig, run_dir: str | Path) -> int:
-    """Write the config and run ``plan.command``, streaming its output; returns the exit code."""
-    save_config(cfg, Path(run_dir) / "launch-config.yaml")
+    """Write the config (with the plan's layout) and run ``plan.command``, streaming its output;
+    returns the exit code."""
+    save_config(plan.config or cfg, Path(run_dir) / "launch-config.yaml")
     print(f"$ {plan.command}", flush=True)
     proc = subprocess.Popen(
         shlex.split(plan.command), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
@@ -177,7 +192,12 @@ def launch(plan: Plan, cfg: RunConfig, run_dir: str | Path) -> int:
 def explain(plan: Plan) -> None:
     """Print why ``plan`` cannot train here and how to run it elsewhere."""
     print("Not training here. What it needs:\n- " + "\n- ".join(plan.problems))
-    print(f"\nOn a machine that has it:\n  {plan.command}", flush=True)
+    if len(plan.node_commands) > 1:
+        where = "\n".join(f"  machine {r}: {c}" for r, c in enumerate(plan.node_commands))
+        print(f"\nOn the machines that have it, one command each:\n{where}", flush=True)
+        print(f"or with SLURM: sbatch {plan.slurm_script}", flush=True)
+    else:
+        print(f"\nOn a machine that has it:\n  {plan.command}", flush=True)
 
 
 def explain_and_stop(plan: Plan) -> None:

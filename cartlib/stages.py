@@ -30,11 +30,11 @@ from PIL import Image
 from tqdm.auto import tqdm
 
 from cartlib import train
+from cartlib.cluster import stage_command
 from cartlib.config import ConfigError
 from cartlib.data.augment import hash_seed, view
 from cartlib.data.stream import Bases, ItemSource, batches, source_for
 from cartlib.io import atomic_write_bytes
-from cartlib.launch import command_for
 from cartlib.sample import generate
 from cartlib.shards import (
     TOKEN_DTYPE,
@@ -58,7 +58,7 @@ def trained(stage: str, cfg, run_dir, tokenizer=None):
     ckpt = folder / train.CKPT_NAME
     done = train.load_checkpoint(ckpt)["step"] if ckpt.exists() else 0
     if done < steps:
-        command = command_for(folder / "config.yaml", run_dir, cfg, stage=f"train-{stage}")
+        command = stage_command(cfg, f"train-{stage}", folder / "config.yaml", run_dir)
         raise FileNotFoundError(
             f"{folder} holds no finished {stage} ({done} of {steps} steps): train it first:\n"
             f"  {command}"
@@ -71,7 +71,7 @@ def trained(stage: str, cfg, run_dir, tokenizer=None):
 def extract_command(cfg, run_dir, split: str = "train") -> str:
     """The command that (re)builds the token shards of ``split`` (it resumes shard by shard)."""
     tok_dir = train.tokenizer_dir(run_dir, cfg)
-    cmd = command_for(tok_dir / "config.yaml", run_dir, cfg, stage="extract-tokens")
+    cmd = stage_command(cfg, "extract-tokens", tok_dir / "config.yaml", run_dir)
     return cmd + ("" if split == "train" else f" --split {split}")
 
 

@@ -49,3 +49,26 @@ def test_bad_topologies_are_refused_with_the_fix():
         Cluster(16, num_machines=3)
     with pytest.raises(ValueError, match="machine_rank=2 must be in 0..1"):
         Cluster(16, num_machines=2, machine_rank=2)
+
+
+def test_full_scale_plan_fits_the_gpus_and_writes_commands_for_every_machine(tmp_path):
+    from cartlib.config import load_preset
+    from cartlib.launch import plan_ar
+
+    cfg = load_preset("cart-d30-256", num_processes=16, gpu_mem_gib=80)
+    plan = plan_ar(cfg, tmp_path, Cluster(16, num_machines=2, main_process_ip="10.0.0.1"))
+    fit, launched = plan.fit, plan.config.ar
+    assert fit.micro_batch * fit.accumulation * 16 == 768  # the paper's global batch is kept
+    assert fit.peak_gib <= 0.9 * 80 and plan.gpu_mem_gib == pytest.approx(fit.peak_gib)
+    assert (launched.micro_batch, launched.fsdp, launched.grad_ckpt) == (
+        fit.micro_batch,
+        fit.fsdp,
+        fit.checkpointing,
+    )
+    assert len(plan.node_commands) == 2 and "--machine_rank 1" in plan.node_commands[1]
+    assert plan.slurm_script.read_text().startswith("#!/bin/bash")
+    assert (tmp_path / "launch-config.yaml").exists()  # what every machine reads
+    text = plan.summary()
+    assert "micro-batch" in text and "accumulation" in text and "machine 1:" in text
+    small = plan_ar(cfg.updated(gpu_mem_gib=40.0), tmp_path)
+    assert small.fit.fsdp or small.fit.checkpointing  # 40 GB GPUs need sharding/checkpointing
