@@ -162,7 +162,8 @@ def test_killed_extraction_resumes_to_the_same_files(run, tmp_path):
     for p in folder.glob("shard-00002*"):
         p.unlink()
     kept = (folder / "shard-00000.npy").stat().st_mtime_ns
-    runs.ensure_tokens(run["cfg"], killed, run["tok"], progress=False)
+    assert main(["extract-tokens", "--config", str(run["base"] / "config.yaml"), "--run-dir",
+                 str(killed)]) == 0  # fmt: skip
     assert files_of(folder) == files_of(ref)
     assert (folder / "shard-00000.npy").stat().st_mtime_ns == kept
 
@@ -189,14 +190,16 @@ def test_bad_shards_name_the_shard_and_the_rebuild_command(run, tmp_path):
 
 # ------------------------------------------------------------------------------ multi-process
 def test_two_processes_extract_the_same_tokens_train_and_sample_the_same_images(run):
+    """Under ``accelerate launch --num_processes 2``: train-ar extracts the missing tokens (each
+    process its shards) and trains; sampling writes the images a single process writes, and a
+    killed sampling job (a chunk half written) resumes to the same files."""
     base, cfg = run["base"], run["cfg"]
     ref_tok = train.tokenizer_dir(base / "ref", cfg)
     skip = shutil.ignore_patterns("tokens-*")
     shutil.copytree(ref_tok, train.tokenizer_dir(base / "two", cfg), ignore=skip)
-    launch("extract-tokens", "--config", base / "config.yaml", "--run-dir", base / "two")
+    launch("train-ar", "--config", base / "config.yaml", "--run-dir", base / "two")  # extracts
     two = train.tokenizer_dir(base / "two", cfg) / "tokens-train"
     assert files_of(two) == files_of(run["shards"].folder)  # manifest included
-    launch("train-ar", "--config", base / "config.yaml", "--run-dir", base / "two")
     history = json.loads((train.ar_dir(base / "two", cfg) / "history.json").read_text())
     assert len(history) == cfg.ar.steps and all(np.isfinite(h["loss"]) for h in history)
     one = stages.sample_images(cfg, base / "two", per_class=2, batch=3, progress=False)
