@@ -21,6 +21,11 @@ Registry (:data:`DATASETS`, name -> builder; in-memory ones in ``arrays.py``, fi
   test split. Images are PIL-decoded, converted to RGB (grey/CMYK/palette; alpha is composited on
   white, 16-bit grey keeps its top 8 bits), EXIF-rotated, centre-cropped to a square and resized.
 
+Training and token extraction read every dataset through the streaming path of
+:mod:`cartlib.data.stream` (lazy reads, VAR's augmentation from :mod:`cartlib.data.augment`,
+DataLoader workers, step-exact batches sharded over processes, the bases switch);
+:mod:`cartlib.data.synthetic` writes a synthetic image folder for tests and benchmarks.
+
 To add a dataset, write ``builder(split, resolution, root, limit, bad_files, download, progress)``
 returning a Dataset with ``name``, ``classes``, ``num_classes``, ``source`` and ``key``, and add it
 to :data:`DATASETS`.

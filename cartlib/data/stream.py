@@ -53,14 +53,11 @@ class ItemSource(Dataset):
 
     def __init__(self, dataset, resolution: int, mid_ratio: float = 1.0):
         self.dataset, self.resolution, self.mid_ratio = dataset, resolution, mid_ratio
-        self.key = dataset.key + ("" if mid_size(resolution, mid_ratio) == resolution else
-                                  f"-mid{mid_ratio:g}")  # fmt: skip
+        mid = mid_size(resolution, mid_ratio)
+        self.key = dataset.key if mid == resolution else f"{dataset.key}-mid{mid}"
         self.classes, self.num_classes = dataset.classes, dataset.num_classes
-        self.fast = (
-            isinstance(dataset, ArrayDataset)
-            and not dataset.lazy
-            and mid_size(resolution, mid_ratio) == resolution
-        )
+        # in memory at R x R and nothing to resize: a batch is a gather (+ mirrors)
+        self.fast = isinstance(dataset, ArrayDataset) and not dataset.lazy and mid == resolution
 
     def __len__(self) -> int:
         return len(self.dataset)
