@@ -69,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
 def _stage(args) -> int:
     cfg = load_config(args.config)
     if args.command == "train-tokenizer":
+        source_for(cfg.data, "train")  # a missing or bad data root fails here, before any write
         runs.ensure_tokenizer(cfg, args.run_dir)
     elif args.command == "extract-tokens":
         source = source_for(cfg.data, args.split)  # a missing or bad data root fails here, first

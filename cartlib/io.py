@@ -360,3 +360,13 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
             f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is incomplete or not "
             "a cartlib checkpoint. Move it away to start this stage afresh, or restore a copy"
         ) from e
+
+
+def process_state():
+    """accelerate's PartialState of this process (rank, world size, device). On a machine
+    without GPUs it must be asked for the CPU explicitly: otherwise processes started by a
+    launcher (torchrun) each believe they are alone and do all the work (seen: two processes
+    writing the same sample files)."""
+    from accelerate import PartialState  # the one accelerate import of the ground floor
+
+    return PartialState(cpu=not torch.cuda.is_available())

@@ -18,14 +18,13 @@ import contextlib
 import functools
 from pathlib import Path
 
-from accelerate import PartialState
-
 from cartlib import stages, train
 from cartlib.io import (  # noqa: F401  (re-exported for notebooks)
     atomic_torch_save,
     cache_dir,
     dir_lock,
     load_checkpoint,
+    process_state,
     project_root,
     resolve_run_dir,
     save_results,
@@ -48,7 +47,7 @@ def stage_lock(folder_of):
         @functools.wraps(fn)
         def locked(cfg, run_dir, *args, **kwargs):
             folder = folder_of(resolve_run_dir(run_dir), cfg)
-            main = PartialState().is_main_process
+            main = process_state().is_main_process
             with dir_lock(folder, fn.__name__) if main else contextlib.nullcontext():
                 return fn(cfg, run_dir, *args, **kwargs)
 

@@ -25,7 +25,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from accelerate import PartialState
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -34,7 +33,7 @@ from cartlib.cluster import stage_command
 from cartlib.config import ConfigError
 from cartlib.data.augment import hash_seed, view
 from cartlib.data.stream import Bases, ItemSource, batches, source_for
-from cartlib.io import atomic_write_bytes
+from cartlib.io import atomic_write_bytes, process_state
 from cartlib.sample import generate
 from cartlib.shards import (
     TOKEN_DTYPE,
@@ -104,7 +103,7 @@ def extract_shards(
     """Encode ``split`` into token shards next to the tokenizer (this process's share of the
     unfinished shards; all of them without a launcher) and return them, checked, memory-mapped.
     ``source``: the split's ItemSource when the caller already opened it."""
-    state, d = PartialState(), cfg.data
+    state, d = process_state(), cfg.data
     if d.views < 1:
         raise ConfigError(f"data.views={d.views} must be >= 1 (1: the centre crop)")
     if d.cache_bases and d.views > 1 and cfg.order:
@@ -190,7 +189,7 @@ def sample_images(
     rejection: the full-scale presets hold VAR's FID setting): image j has label j mod C and
     belongs to chunk j // batch, generated with the seed (seed, chunk). Writes ``png/<j>.png``,
     ``samples.npz`` and ``manifest.json`` into :func:`sample_folder` (returned)."""
-    state = PartialState()
+    state = process_state()
     tok = trained("tokenizer", cfg, run_dir).to(state.device)
     model = trained("ar", cfg, run_dir, tok).to(state.device)
     per_class = per_class or cfg.sample.per_class

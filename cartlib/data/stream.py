@@ -32,7 +32,6 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator
 
 import torch
-from accelerate import PartialState
 from torch.utils.data import DataLoader, Dataset
 
 from cartlib.config import ConfigError, DataConfig
@@ -42,6 +41,7 @@ from cartlib.data.augment import Crop, centre, crop_tensor, draw, hash_seed, mid
 from cartlib.data.folder import ImageFolderDataset, read_image
 from cartlib.decompose.cache import decompose_dataset
 from cartlib.decompose.hierarchy import base_detail
+from cartlib.io import process_state
 
 
 # ------------------------------------------------------------------------------------- sources
@@ -221,7 +221,7 @@ class Bases:
                     "images every step: set data.cache_bases=False (decomposed per batch on the "
                     "training device) or switch the augmentation off"
                 )
-            with PartialState().main_process_first():  # computed once, then loaded
+            with process_state().main_process_first():  # computed once, then loaded
                 self.cache = decompose_dataset(
                     _CentreImages(source), self.order, **self.params, device=device,
                     progress=progress,
