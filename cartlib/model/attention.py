@@ -13,6 +13,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 from cartlib.model.transformer import NextDetailTransformer
 
@@ -51,28 +52,49 @@ def attention_distance(attn: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Ten
 
 
 def step_attention_profile(maps_per_step: list[torch.Tensor], schedule) -> dict[str, list[float]]:
-    """Per generation step: attention distance, and the share of attention a step's tokens
-    give to their own step (vs. all earlier ones). ``maps_per_step``: one map per cached step."""
+    """Per generation step m, from one map per cached step (B, heads, h_m w_m, L_{<=m}):
+
+    * ``distance``: attention distance of the step's queries (:func:`attention_distance`);
+    * ``self_share``: the share of attention its tokens give to their own token map r_m (the
+      rest goes to r_1..r_{m-1}, Eq. 9's conditioning);
+    * ``uniform_share``: that share under uniform attention over the allowed keys,
+      h_m w_m / L_{<=m} — a self share below it means the step favours earlier maps."""
     pos = schedule.positions()
-    dist, self_share = [], []
+    dist, self_share, uniform = [], [], []
     for m, a in enumerate(maps_per_step):
         sl = schedule.step_slice(m)
         keys = slice(0, sl.stop)
         dist.append(attention_distance(a, pos[sl], pos[keys]))
         self_share.append(float(a[..., sl.start : sl.stop].sum(-1).mean()))
-    return {"distance": dist, "self_share": self_share}
+        uniform.append((sl.stop - sl.start) / sl.stop)
+    return {"distance": dist, "self_share": self_share, "uniform_share": uniform}
 
 
 def attention_heatmap(weights: torch.Tensor, schedule, upto_step: int) -> torch.Tensor:
     """Spread one query's attention over the keys of steps 0..upto_step onto the full latent
     grid (each key token covers its cell of its step's grid): where in the image it looks.
     weights (K,) with K = offsets[upto_step + 1] -> (h_M, w_M), summing to 1."""
-    import torch.nn.functional as F
-
     hm, wm = schedule.full_hw
     out = torch.zeros(hm, wm)
     for k in range(upto_step + 1):
         s = schedule[k]
-        w = weights[schedule.step_slice(k)].float().view(1, 1, s.h, s.w)
+        w = weights[schedule.step_slice(k)].float().cpu().view(1, 1, s.h, s.w)
         out += F.interpolate(w, size=(hm, wm), mode="nearest")[0, 0] * (s.h * s.w) / (hm * wm)
     return out
+
+
+def centre_query_attention(
+    maps_per_step: list[torch.Tensor], schedule, index: int = 0
+) -> tuple[list[torch.Tensor], torch.Tensor]:
+    """Where the centre token of every step looks (Figure 10's attention rows): for image
+    ``index`` of one map per cached step, the head-averaged attention of the step's centre token
+    (row h_m // 2, column w_m // 2) as :func:`attention_heatmap`.
+    -> (M heat maps (h_M, w_M), query centres (M, 2) in [0, 1) grid coordinates)"""
+    pos = schedule.positions()
+    heat, where = [], []
+    for m, a in enumerate(maps_per_step):
+        s = schedule[m]
+        centre = (s.h // 2) * s.w + s.w // 2
+        heat.append(attention_heatmap(a[index, :, centre].mean(0), schedule, m))
+        where.append(pos[schedule.offsets[m] + centre])
+    return heat, torch.stack(where)

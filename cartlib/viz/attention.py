@@ -1,0 +1,71 @@
+"""Attention figures (notebook 07): the paper's Figure 10 — intermediate images above the
+attention of one query token, per step, for each model — and the per-step attention profile
+(how far tokens look, and how much of their attention stays on their own token map)."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+
+from cartlib.viz.core import bare, frame, register, to_image
+
+MODEL_COLORS = {"CART": "goldenrod", "VAR": "tab:red"}
+
+
+def figure10(records: dict[str, dict], size: float = 1.3):
+    """Figure 10: for each model two rows — the image decoded after every step (the generated
+    base framed in yellow, as in the paper) and where one query token of that step looks: its
+    attention over all earlier-or-same-step keys, spread onto the full latent grid (a cyan cross
+    marks the query).
+
+    ``records[name]``: ``steps`` (M, C, H, W) in [0, 1], ``heat`` (M of (h_M, w_M)), ``query``
+    (M, 2) query centres in [0, 1) grid coordinates, ``schedule`` the model's TokenSchedule."""
+    cols = max(len(r["heat"]) for r in records.values())
+    fig, axes = plt.subplots(
+        2 * len(records), cols, figsize=(size * cols, 2.1 * size * len(records)), squeeze=False
+    )
+    for row, (name, r) in enumerate(records.items()):
+        sched = r["schedule"]
+        for m in range(cols):
+            image_ax, heat_ax = axes[2 * row, m], axes[2 * row + 1, m]
+            bare(image_ax)
+            bare(heat_ax)
+            if m >= len(r["heat"]):
+                continue
+            image_ax.imshow(to_image(r["steps"][m]), cmap="gray", vmin=0, vmax=1)
+            image_ax.set_title(sched[m].label, fontsize=7)
+            heat = r["heat"][m].cpu().numpy()  # (h_M, w_M)
+            heat_ax.imshow(heat, cmap="magma", vmin=0)
+            y, x = r["query"][m].tolist()
+            heat_ax.plot(x * heat.shape[1] - 0.5, y * heat.shape[0] - 0.5, "+", c="cyan", ms=6)
+            if sched.n_factors and m == sched.n_base - 1:
+                frame(image_ax, "gold")
+        axes[2 * row, 0].set_ylabel(f"{name}\nimage", fontsize=8)
+        axes[2 * row + 1, 0].set_ylabel(f"{name}\nattention", fontsize=8)
+    fig.suptitle("Figure 10: intermediate images and attention of one query per step")
+    fig.tight_layout()
+    return register(fig)
+
+
+def attention_profile_figure(profiles: dict[str, dict[str, list[float]]], schedules: dict):
+    """Per step and model: the attention distance (mean query-key distance weighted by
+    attention, in image sides) and the share of attention on the step's own token map, with
+    the share uniform attention would give (dashed). Detail steps are shaded."""
+    fig, (dist_ax, share_ax) = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
+    for name, prof in profiles.items():
+        sched, color = schedules[name], MODEL_COLORS.get(name)
+        steps = range(1, len(prof["distance"]) + 1)
+        dist_ax.plot(steps, prof["distance"], "o-", color=color, label=name)
+        share_ax.plot(steps, prof["self_share"], "o-", color=color, label=name)
+        share_ax.plot(
+            steps, prof["uniform_share"], "--", color=color, lw=1, label=f"{name}, uniform"
+        )
+        if sched.n_factors:
+            for ax in (dist_ax, share_ax):
+                ax.axvspan(sched.n_base + 0.5, sched.n_steps + 0.5, color=color, alpha=0.12)
+    dist_ax.set(xlabel="step m", ylabel="attention distance (image sides)")
+    dist_ax.set_title("how far a step's tokens look", fontsize=10)
+    share_ax.set(xlabel="step m", ylabel="attention on own map", ylim=(0, 1.05))
+    share_ax.set_title("own map vs. earlier maps (shaded: CART's detail steps)", fontsize=10)
+    for ax in (dist_ax, share_ax):
+        ax.legend(fontsize=8)
+    return register(fig)

@@ -1,0 +1,173 @@
+"""Image figures: grids, side-by-side rows, the step-by-step strips of Figures 1 and 2(a), token
+maps, and the base-detail hierarchy of Figure 4.
+
+Images are torch tensors (C, H, W) / (N, C, H, W) in [0, 1], C = 1 or 3. Every builder returns a
+registered :class:`~matplotlib.figure.Figure`; notebooks display it with :func:`cartlib.viz.show`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import matplotlib.pyplot as plt
+import numpy as np
+import torch
+
+from cartlib.viz.core import bare, frame, register, show, to_image
+
+
+def image_grid_figure(
+    images: torch.Tensor,
+    nrow: int = 8,
+    title: str | None = None,
+    col_labels: list[str] | None = None,
+    row_labels: list[str] | None = None,
+    size: float = 1.6,
+):
+    """A grid of images (N, C, H, W) in [0, 1], ``nrow`` per row (in reading order)."""
+    n = len(images)
+    ncol = min(nrow, n)
+    rows = math.ceil(n / ncol)
+    fig, axes = plt.subplots(
+        rows, ncol, figsize=(size * ncol, size * rows), squeeze=False, layout="constrained"
+    )
+    for k, ax in enumerate(axes.flat):
+        bare(ax)
+        if k < n:
+            ax.imshow(to_image(images[k]), cmap="gray", vmin=0, vmax=1)
+    for j, label in enumerate(col_labels or []):
+        axes[0, j].set_title(label, fontsize=9)
+    for i, label in enumerate(row_labels or []):
+        axes[i, 0].set_ylabel(label, fontsize=9)
+    if title:
+        fig.suptitle(title)
+    return register(fig)
+
+
+def show_grid(images: torch.Tensor, nrow: int = 8, title: str | None = None, **kwargs) -> None:
+    """``show(image_grid_figure(...), title)`` in one call (notebook 02 uses it)."""
+    show(image_grid_figure(images, nrow, title, **kwargs), title or "grid")
+
+
+def compare_figure(images: list[torch.Tensor], titles: list[str], title=None, size=2.6):
+    """One row of images (C, H, W) side by side with titles (e.g. a base beside low-passes)."""
+    fig, axes = plt.subplots(
+        1, len(images), figsize=(size * len(images), size + 0.3), layout="constrained"
+    )
+    for ax, img, label in zip(np.atleast_1d(axes), images, titles, strict=True):
+        ax.imshow(to_image(img), cmap="gray", vmin=0, vmax=1)
+        ax.set_title(label, fontsize=9)
+        ax.axis("off")
+    if title:
+        fig.suptitle(title)
+    return register(fig)
+
+
+def steps_figure(
+    steps: torch.Tensor,
+    labels: list[str],
+    title: str | None = None,
+    highlight: int | None = None,
+    size: float = 1.2,
+):
+    """Decoded images after every generation/tokenization step, (M, B, C, H, W): one row per
+    image, one column per step (Figure 1's top row, Figure 2(a)); ``highlight`` frames one column
+    in orange (the generated base, as the paper's orange box)."""
+    m, b = steps.shape[:2]
+    fig, axes = plt.subplots(
+        b, m, figsize=(size * m, size * b + 0.4), squeeze=False, layout="constrained"
+    )
+    for i in range(b):
+        for k in range(m):
+            ax = axes[i, k]
+            ax.imshow(to_image(steps[k, i]), cmap="gray", vmin=0, vmax=1)
+            bare(ax)
+            if i == 0:
+                ax.set_title(labels[k], fontsize=8)
+            if k == highlight:
+                frame(ax)
+    if title:
+        fig.suptitle(title)
+    return register(fig)
+
+
+def token_maps_figure(tokens: list[torch.Tensor], labels: list[str], vocab: int):
+    """The token maps r_1..r_M (each (B, h_m, w_m)) of the first image of a batch, each on its
+    own grid; colour = code index in [0, vocab)."""
+    fig, axes = plt.subplots(
+        1, len(tokens), figsize=(1.2 * len(tokens), 1.6), squeeze=False, layout="constrained"
+    )
+    for ax, r, label in zip(axes[0], tokens, labels, strict=True):
+        ax.imshow(
+            r[0].cpu().numpy(),
+            cmap="nipy_spectral",
+            vmin=0,
+            vmax=vocab - 1,
+            interpolation="nearest",
+        )
+        ax.set_title(label, fontsize=8)
+        ax.axis("off")
+    fig.suptitle("token maps (colour = code index)")
+    return register(fig)
+
+
+# ------------------------------------------------------------------------- Figure 4 (notebook 01)
+def _detail_scale(details: list[torch.Tensor], q: float = 0.995) -> float:
+    """The symmetric colour limit for signed detail images: the q-quantile of |D| over all
+    levels (the max would let a few edge pixels wash out the rest)."""
+    if not details:
+        return 1.0
+    a = torch.cat([d.detach().float().abs().flatten() for d in details]).cpu()
+    a = a[:: max(1, len(a) // 1_000_000)]  # torch.quantile takes at most 16M values
+    return max(torch.quantile(a, q).item(), 1e-6)
+
+
+def decomposition_figure(image, dec, index=0, titles=True, size=2.0, detail_scale=None):
+    """The paper's Figure 4 for one image: I, B_n, D_n, ..., D_1 and the edge map s_n.
+
+    ``dec`` is a :class:`~cartlib.decompose.Decomposition` of a batch that holds ``image``
+    (row ``index``). Details are signed: they are shown as the mean over channels on a diverging
+    colour map with one symmetric scale for all levels (+-``detail_scale``, default the 99.5th
+    percentile of |D|), so the levels compare; the colour bar gives the scale.
+    """
+    fig, axes = plt.subplots(
+        1, 3 + dec.order, figsize=(size * (3 + dec.order) + 0.6, size), layout="constrained"
+    )
+    _decomposition_row(axes, image, dec, index, titles, detail_scale)
+    return register(fig)
+
+
+def decomposition_rows_figure(images, dec, size=1.8, detail_scale=None, title=None):
+    """:func:`decomposition_figure` for every image of a batch, one row each."""
+    n, cols = len(images), 3 + dec.order
+    fig, axes = plt.subplots(
+        n, cols, figsize=(size * cols + 0.6, size * n), squeeze=False, layout="constrained"
+    )
+    scale = detail_scale or _detail_scale(dec.details)
+    for i in range(n):
+        _decomposition_row(axes[i], images[i], dec, i, i == 0, scale)
+    if title:
+        fig.suptitle(title)
+    return register(fig)
+
+
+def _decomposition_row(axes, image, dec, index, titles, detail_scale):
+    n = dec.order
+    details = [d[index] for d in dec.details]
+    scale = detail_scale or _detail_scale(details)
+    panels = [(to_image(image), f"I ({image.shape[-1]} px)", {"cmap": "gray"})]
+    panels.append((to_image(dec.base[index]), f"B_{n}" if n else "B_0 = I", {"cmap": "gray"}))
+    for k in range(n, 0, -1):
+        d = details[k - 1].mean(0).cpu().numpy()  # (H, W), signed
+        panels.append((d, f"D_{k}", {"cmap": "RdBu_r", "vmin": -scale, "vmax": scale}))
+    if n:
+        s = dec.edges[-1][index, 0].cpu().numpy()
+        panels.append((s, f"s_{n} (edges of B_{n})", {"cmap": "gray", "vmin": 0, "vmax": 1}))
+    for ax in axes:
+        ax.axis("off")
+    shown = [ax.imshow(a, **kw) for ax, (a, _, kw) in zip(axes, panels, strict=False)]
+    if titles:
+        for ax, (_, label, _) in zip(axes, panels, strict=False):
+            ax.set_title(label, fontsize=9)
+    if n:  # one colour bar for the details (panels 2 .. n+1 share the symmetric scale)
+        plt.colorbar(shown[2], ax=list(axes), shrink=0.8, pad=0.01, label="detail (mean of C)")

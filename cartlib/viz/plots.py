@@ -1,0 +1,113 @@
+"""Curves and bars: training histories, the per-step loss of the next-detail transformer (Eq. 9),
+the paper's Figure 11 (reconstruction MSE against quantization depth) and Table 5 (FID against
+decomposition order). Every builder returns a registered figure for :func:`cartlib.viz.show`."""
+
+from __future__ import annotations
+
+import matplotlib.pyplot as plt
+import numpy as np
+
+from cartlib.viz.core import register, show
+
+# the paper's colours in Figure 11 (vanilla blue, multi-scale red, base-detail yellow)
+TOKENIZER_COLORS = {
+    "vanilla": "tab:blue",
+    "multiscale": "tab:red",
+    "base_detail": "goldenrod",
+    "base_detail+carry": "tab:green",
+}
+KIND_COLORS = {"base": "tab:blue", "detail": "goldenrod"}
+TABLE5_FID = {0: 1.70, 1: 1.65, 2: 1.62, 3: 1.57, 4: 1.60}  # CART-d30, ImageNet 256, paper
+
+
+def history_figure(history: list[dict], keys: list[str], title: str | None = None, smooth=10):
+    """Training curves of those ``keys`` present in ``history`` (raw and a moving average)."""
+    keys = [k for k in keys if any(k in h for h in history)]
+    fig, axes = plt.subplots(
+        1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False, layout="constrained"
+    )
+    for ax, key in zip(axes[0], keys, strict=True):
+        steps, values = np.array([(h["step"], h[key]) for h in history if key in h]).T
+        ax.plot(steps, values, alpha=0.35, lw=0.8)
+        if len(values) > smooth:
+            ax.plot(steps[smooth - 1 :], np.convolve(values, np.ones(smooth) / smooth, "valid"))
+        ax.set_title(key, fontsize=9)
+        ax.set_xlabel("step")
+    if title:
+        fig.suptitle(title)
+    return register(fig)
+
+
+def plot_history(history: list[dict], keys: list[str], title: str | None = None, smooth=10):
+    """``show(history_figure(...), title)`` in one call (notebook 02 uses it)."""
+    show(history_figure(history, keys, title, smooth), title or "history")
+
+
+def step_bars_figure(schedule, panels: dict[str, list[float]], title: str | None = None):
+    """One bar per token map r_1..r_M for each entry of ``panels`` (e.g. cross-entropy and
+    accuracy per step), coloured by the step's kind (base scale or detail), with each kind's
+    mean as a dashed line: how predictable each map is."""
+    labels = [s.label for s in schedule]
+    kinds = [s.kind for s in schedule]
+    fig, axes = plt.subplots(
+        1, len(panels), figsize=(5 * len(panels), 3), squeeze=False, layout="constrained"
+    )
+    for ax, (name, values) in zip(axes[0], panels.items(), strict=True):
+        ax.bar(labels, values, color=[KIND_COLORS[k] for k in kinds])
+        for kind in dict.fromkeys(kinds):
+            vals = [v for v, k in zip(values, kinds, strict=True) if k == kind]
+            ax.axhline(np.mean(vals), color=KIND_COLORS[kind], ls="--", lw=1, label=f"{kind} mean")
+        ax.set_title(name, fontsize=10)
+        ax.tick_params(axis="x", rotation=60)
+        ax.legend(fontsize=8)
+    if title:
+        fig.suptitle(title)
+    return register(fig)
+
+
+def figure11(mse_per_depth: dict[str, list[float]], n_base: int | None = None, title=None):
+    """The paper's Figure 11: reconstruction MSE of the image decoded from the first k token
+    maps, k = 1..M, one line per tokenizer (log scale); a dotted line after the ``n_base``-th map
+    marks where base-detail tokenizers switch from base scales to details."""
+    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    for name, mse in mse_per_depth.items():
+        depth = range(1, len(mse) + 1)
+        ax.plot(depth, mse, "o-", color=TOKENIZER_COLORS.get(name), label=name)
+    if n_base:
+        ax.axvline(n_base + 0.5, color="gray", ls=":", lw=1, label="base | details")
+    ax.set(
+        xlabel="quantization depth k (token maps used)",
+        ylabel="reconstruction MSE",
+        yscale="log",
+        title=title or "Figure 11: reconstruction MSE vs. depth",
+    )
+    ax.legend(fontsize=8)
+    return register(fig)
+
+
+def table5_figure(
+    fids: dict[int, list[float]], extra: dict[str, list[float]] | None = None, label=""
+):
+    """Table 5 as a plot: FID (mean ± std over sampling seeds) against decomposition order n
+    (0 = VAR) for this run beside the paper's CART-d30 values; ``extra`` variants (e.g. Table 4's
+    flat base) are drawn as single points at the right of this run's panel."""
+    fig, (ours, paper) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
+    orders = sorted(fids)
+    ours.errorbar(
+        orders,
+        [np.mean(fids[n]) for n in orders],
+        yerr=[np.std(fids[n]) for n in orders],
+        fmt="o-",
+        capsize=4,
+        label="order n",
+    )
+    for i, (name, f) in enumerate((extra or {}).items()):
+        x = max(orders) + 1 + i
+        ours.errorbar([x], [np.mean(f)], yerr=[np.std(f)], fmt="s", capsize=4, label=name)
+    ours.set(xlabel="decomposition order n (0 = VAR)", ylabel="FID (lower is better)")
+    ours.set_title(f"this run {label}".strip(), fontsize=10)
+    ours.legend(fontsize=8)
+    paper.plot(list(TABLE5_FID), list(TABLE5_FID.values()), "o-", color="gray")
+    paper.set(xlabel="decomposition order n (0 = VAR)", ylabel="FID")
+    paper.set_title("paper, Table 5 (CART-d30, ImageNet 256)", fontsize=10)
+    return register(fig)

@@ -1,0 +1,187 @@
+"""Figures of cartlib.viz (one way to show them, what each builder draws) and the attention
+read-out helpers they plot (cartlib.model.attention), on small hand-made inputs."""
+
+import matplotlib
+
+matplotlib.use("Agg")
+
+import matplotlib.colors as mcolors  # noqa: E402
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from cartlib import viz  # noqa: E402
+from cartlib.model.attention import centre_query_attention, step_attention_profile  # noqa: E402
+from cartlib.schedule import TokenSchedule  # noqa: E402
+
+CART = TokenSchedule.cart((1, 2, 4), n_factors=2, depth_per_factor=1)  # 1,2,4 + D_2, D_1 at 4x4
+VAR = TokenSchedule.var((1, 2, 4))
+
+
+@pytest.fixture(autouse=True)
+def empty_registry(tmp_path):
+    viz.save_open_figures(tmp_path / "before", "x")
+    yield
+    viz.save_open_figures(tmp_path / "after", "x")
+
+
+def uniform_maps(schedule, b=2, heads=3):
+    """One map per cached step, each query attending uniformly to every allowed key."""
+    out = []
+    for m, s in enumerate(schedule):
+        keys = schedule.offsets[m + 1]
+        out.append(torch.full((b, heads, s.numel, keys), 1.0 / keys))
+    return out
+
+
+def is_color(c, name):
+    return np.allclose(mcolors.to_rgba(c), mcolors.to_rgba(name))
+
+
+# ------------------------------------------------------------------------------- show / save
+def test_show_names_a_figure_registers_it_once_and_save_uses_the_name(tmp_path):
+    fig, ax = plt.subplots()
+    viz.show(fig, "Figure 11 (held-out)")
+    viz.show(fig, "Figure 11 (held-out)")
+    built = viz.image_grid_figure(torch.rand(3, 1, 4, 4), nrow=3, title="a grid")
+    paths = viz.save_open_figures(tmp_path, "03")
+    assert [p.name for p in paths] == ["03_00_figure-11-held-out.png", "03_01_a-grid.png"]
+    assert all(p.read_bytes()[:4] == b"\x89PNG" for p in paths)
+    assert built.axes and viz.save_open_figures(tmp_path, "03") == []
+
+
+def test_show_in_jupyter_displays_only_that_figure_and_closes_it(monkeypatch):
+    import IPython.display
+
+    shown = []
+    monkeypatch.setattr(IPython.display, "display", shown.append)
+    monkeypatch.setattr(
+        matplotlib, "get_backend", lambda: "module://matplotlib_inline.backend_inline"
+    )
+    other, _ = plt.subplots()
+    fig, _ = plt.subplots()
+    viz.show(fig, "one")
+    assert shown == [fig]
+    assert fig.number not in plt.get_fignums() and other.number in plt.get_fignums()
+
+
+# ------------------------------------------------------------------------------ image figures
+def test_steps_figure_has_a_column_per_step_and_frames_the_base_column():
+    steps = torch.rand(CART.n_steps, 2, 3, 8, 8)
+    labels = [s.label for s in CART]
+    fig = viz.steps_figure(steps, labels, highlight=CART.n_base - 1)
+    axes = np.array(fig.axes).reshape(2, CART.n_steps)
+    assert [ax.get_title() for ax in axes[0]] == labels
+    framed = [
+        k for k in range(CART.n_steps) if axes[0, k].spines["top"].get_visible()
+    ]  # bare panels hide their frame; only the highlighted column shows one
+    assert framed == [CART.n_base - 1]
+    assert is_color(axes[1, CART.n_base - 1].spines["left"].get_edgecolor(), "orange")
+
+
+def test_token_maps_figure_draws_each_map_at_its_own_grid():
+    tokens = [torch.randint(10, (1, s.h, s.w)) for s in CART]
+    fig = viz.token_maps_figure(tokens, [s.label for s in CART], vocab=10)
+    shapes = [ax.get_images()[0].get_array().shape for ax in fig.axes]
+    assert shapes == [(s.h, s.w) for s in CART]
+
+
+# ------------------------------------------------------------------------------------- plots
+def test_figure11_draws_one_line_per_tokenizer_in_the_papers_colours():
+    mse = {"vanilla": [0.3, 0.2, 0.1], "multiscale": [0.5, 0.4, 0.2], "base_detail": [0.6, 0.3]}
+    fig = viz.figure11(mse, n_base=2)
+    ax = fig.axes[0]
+    lines = {ln.get_label(): ln for ln in ax.get_lines()}
+    for name, values in mse.items():
+        np.testing.assert_allclose(lines[name].get_ydata(), values)
+        np.testing.assert_allclose(lines[name].get_xdata(), range(1, len(values) + 1))
+    assert is_color(lines["vanilla"].get_color(), "tab:blue")
+    assert is_color(lines["multiscale"].get_color(), "tab:red")
+    assert is_color(lines["base_detail"].get_color(), "goldenrod")
+    assert lines["base | details"].get_xdata()[0] == 2.5 and ax.get_yscale() == "log"
+
+
+def test_step_bars_colour_steps_by_kind_and_draw_each_kinds_mean():
+    ce = [3.0, 2.0, 4.0, 1.0, 0.5]
+    fig = viz.step_bars_figure(CART, {"cross-entropy": ce})
+    ax = fig.axes[0]
+    bars = ax.patches
+    assert [b.get_height() for b in bars] == ce
+    kinds = [s.kind for s in CART]
+    for bar, kind in zip(bars, kinds, strict=True):
+        assert is_color(bar.get_facecolor(), viz.plots.KIND_COLORS[kind])
+    means = {ln.get_label(): ln.get_ydata()[0] for ln in ax.get_lines()}
+    assert means == {"base mean": pytest.approx(3.0), "detail mean": pytest.approx(0.75)}
+
+
+def test_table5_figure_plots_mean_and_std_over_seeds_beside_the_paper():
+    fids = {0: [10.0, 12.0], 3: [8.0, 8.0]}
+    fig = viz.table5_figure(fids, extra={"flat base": [20.0, 22.0]})
+    ours, paper = fig.axes
+    line = ours.get_lines()[0]  # errorbar's data line (its caps follow)
+    np.testing.assert_allclose(line.get_xdata().astype(float), [0, 3])
+    np.testing.assert_allclose(line.get_ydata().astype(float), [11.0, 8.0])
+    flat = [ln for ln in ours.get_lines() if ln.get_marker() == "s"]
+    assert flat[0].get_xdata()[0] == 4 and flat[0].get_ydata()[0] == 21.0
+    np.testing.assert_allclose(paper.get_lines()[0].get_ydata(), [1.70, 1.65, 1.62, 1.57, 1.60])
+
+
+# --------------------------------------------------------------------------------- attention
+def test_uniform_attention_gives_each_step_its_key_share():
+    prof = step_attention_profile(uniform_maps(CART), CART)
+    expected = [s.numel / CART.offsets[m + 1] for m, s in enumerate(CART)]
+    assert prof["uniform_share"] == pytest.approx(expected)
+    assert prof["self_share"] == pytest.approx(expected, abs=1e-6)
+    assert prof["self_share"][0] == pytest.approx(1.0)  # r_1 has only itself to look at
+
+
+def test_centre_query_heatmap_puts_a_one_hot_key_on_its_cell_of_the_full_grid():
+    maps = uniform_maps(CART, b=1, heads=2)
+    m = 2  # the 4x4 base step: centre query (2, 2); make it look only at the 2x2 map's key (1, 0)
+    a = torch.zeros_like(maps[m])
+    a[0, :, 2 * 4 + 2, CART.offsets[1] + 1 * 2 + 0] = 1.0
+    maps[m] = a
+    heat, where = centre_query_attention(maps, CART)
+    expected = torch.zeros(4, 4)
+    expected[2:4, 0:2] = 0.25  # key (1, 0) of the 2x2 grid covers rows 2-3, columns 0-1
+    torch.testing.assert_close(heat[m], expected)
+    assert all(float(h.sum()) == pytest.approx(1.0) for h in heat)
+    torch.testing.assert_close(where[m], torch.tensor([2.5 / 4, 2.5 / 4]))
+    torch.testing.assert_close(where[0], torch.tensor([0.5, 0.5]))
+
+
+def attention_records():
+    records = {}
+    for name, sched in (("CART", CART), ("VAR", VAR)):
+        heat, where = centre_query_attention(uniform_maps(sched, b=1), sched)
+        steps = torch.rand(sched.n_steps, 3, 8, 8)
+        records[name] = {"steps": steps, "heat": heat, "query": where, "schedule": sched}
+    return records
+
+
+def test_figure10_has_image_and_attention_rows_per_model_and_frames_cart_base_in_yellow():
+    fig = viz.figure10(attention_records())
+    axes = np.array(fig.axes).reshape(4, CART.n_steps)
+    framed = [
+        (r, k)
+        for r in range(4)
+        for k in range(CART.n_steps)
+        if axes[r, k].spines["top"].get_visible()
+    ]
+    assert framed == [(0, CART.n_base - 1)]  # CART's generated base only; VAR has no base step
+    assert is_color(axes[0, CART.n_base - 1].spines["top"].get_edgecolor(), "gold")
+    assert len(axes[1, 0].get_images()) == 1 and not axes[3, VAR.n_steps].get_images()
+    cross = axes[1, 2].get_lines()[0]  # the centre query of the 4x4 step, in pixel coordinates
+    assert (cross.get_xdata()[0], cross.get_ydata()[0]) == pytest.approx((2.0, 2.0))
+
+
+def test_attention_profile_figure_plots_both_quantities_per_model():
+    maps = {"CART": (uniform_maps(CART), CART), "VAR": (uniform_maps(VAR), VAR)}
+    profiles = {n: step_attention_profile(m, s) for n, (m, s) in maps.items()}
+    fig = viz.attention_profile_figure(profiles, {n: s for n, (_, s) in maps.items()})
+    dist_ax, share_ax = fig.axes
+    shares = {ln.get_label(): list(ln.get_ydata()) for ln in share_ax.get_lines()}
+    assert shares["CART"] == pytest.approx(profiles["CART"]["self_share"])
+    assert shares["VAR, uniform"] == pytest.approx(profiles["VAR"]["uniform_share"])
+    assert len(dist_ax.get_lines()) == 2
