@@ -70,6 +70,16 @@ def _check_args(model, labels, cfg, top_k, top_p, temperature):
         )
 
 
+def _check_forced(sched, forced, forced_mask) -> None:
+    if (forced is None) != (forced_mask is None):
+        raise ValueError("pass forced and forced_mask together (token maps and where to keep them)")
+    if forced is not None and not len(forced) == len(forced_mask) == sched.n_steps:
+        raise ValueError(
+            f"forced ({len(forced)}) and forced_mask ({len(forced_mask)}) need one map per step "
+            f"of the schedule ({sched.n_steps}); use tokenizer.encode(images) for forced"
+        )
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -83,14 +93,20 @@ def generate(
     seed: int | None = 0,
     return_steps: bool = False,
     prefix: list[torch.Tensor] | None = None,
+    forced: list[torch.Tensor] | None = None,
+    forced_mask: list[torch.Tensor] | None = None,
 ) -> Generation:
     """Class-conditional samples for ``labels`` (B,) (``model.num_classes`` = unconditional).
 
     ``prefix`` = given token maps r_1..r_k (e.g. a low-resolution image's base tokens for
-    super-resolution): they are fed instead of sampled. Same seed -> identical samples."""
+    super-resolution): they are fed instead of sampled. ``forced`` = token maps r_1..r_M and
+    ``forced_mask`` = bool maps (B,h_m,w_m): where the mask is True the token is forced to the
+    given one at every step, elsewhere sampled (inpainting, :mod:`cartlib.apps.edit`). Same seed
+    -> identical samples."""
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, device=device).long()
     _check_args(model, labels, cfg, top_k, top_p, temperature)
+    _check_forced(model.schedule, forced, forced_mask)
     model.eval()
     tokenizer.eval()
     q, sched = tokenizer.quantizer, model.schedule
@@ -112,6 +128,9 @@ def generate(
             idx = prefix[m].to(device).view(b, step.h, step.w)
         else:
             idx = sample_tokens(logits, temperature, top_k, top_p, gen).view(b, step.h, step.w)
+        if forced is not None:
+            keep = forced_mask[m].to(device).view(b, step.h, step.w)
+            idx = torch.where(keep, forced[m].to(device).view(b, step.h, step.w).long(), idx)
         tokens.append(idx)
         f_hat = q.add_term(f_hat, idx, m)
         if return_steps:

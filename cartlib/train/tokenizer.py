@@ -44,9 +44,11 @@ def materialize(dataset, progress: bool = True, batch_size: int = 512) -> tuple[
 
 def tokenizer_training_data(cfg, split: str = "train", progress: bool = True):
     """(images, bases or None, labels) tensors for ``cfg``: bases B_1..B_n from the on-disk
-    decomposition cache when the quantizer is base-detail (computed once, then reused)."""
+    decomposition cache when the quantizer is base-detail (computed once, then reused). The
+    intrinsic and specular decompositions are cheap closed forms: the tokenizer computes them per
+    batch (bases None)."""
     ds = load_dataset_from_config(cfg.data, split)
-    if cfg.order == 0:
+    if cfg.order == 0 or cfg.decompose.kind != "base_detail":
         images, labels = materialize(ds, progress)
         return images, None, labels
     d = cfg.decompose
@@ -113,7 +115,7 @@ def train_tokenizer(
         tok.train()
         with acc.autocast():
             out = tok(x, b)
-            loss, logs = crit.generator_loss(out, x, None if b is None else b[:, -1], step)
+            loss, logs = crit.generator_loss(out, out.target, out.target_base, step)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(tok.parameters(), 1.0)
@@ -121,7 +123,7 @@ def train_tokenizer(
         sch.step()
         if crit.gan_on(step):
             with acc.autocast():
-                d_loss = crit.discriminator_loss(out.recon.float(), x)
+                d_loss = crit.discriminator_loss(out.recon.float(), out.target)
             opt_d.zero_grad(set_to_none=True)
             acc.backward(d_loss)
             opt_d.step()
