@@ -209,7 +209,7 @@ def show(fig=None, name: str | None = None) -> None:
     fig = fig or plt.gcf()
     if name:
         fig.cartlib_name = name
-    _show(_register(fig))
+    _show(fig if fig in _FIGURES else _register(fig))  # *_figure helpers registered it already
 
 
 def show_steps(

@@ -205,7 +205,7 @@ def test_high_resolution_size_and_overlap_removes_seams():
     assert (nov.n_patches, ov.n_patches) == (4, 9)
     s_nov, s_ov = seam_score(nov.detail, 8), seam_score(ov.detail, 8)
     assert (s_nov > 2).all() and (s_ov < s_nov).all(), (s_nov, s_ov)
-    assert (seam_score(ov.images, 16) < seam_score(nov.images, 16)).all()
+    assert (seam_score(ov.images, 16, 2) < seam_score(nov.images, 16, 2)).all()
 
 
 def test_super_resolution_keeps_the_given_tokens():

@@ -20,7 +20,7 @@ no window edge is a hard edge. For order 0 (VAR: no details) the same procedure 
 full-size scale patchwise on top of the upscaled coarser scales: the VAR comparison of Figure 6.
 
 :func:`seam_score` measures visible seams: the mean absolute step across the NOV window borders
-divided by the mean step everywhere else (1 = no seam).
+divided by the mean step across the other token borders (1 = no seam).
 """
 
 from __future__ import annotations
@@ -155,18 +155,27 @@ def upscale(images: torch.Tensor, scale: int, mode: str = "bilinear") -> torch.T
     return F.interpolate(images, size=size, mode=mode, **kw).clamp(0, 1)
 
 
-def seam_score(x: torch.Tensor, period: int) -> torch.Tensor:
+def seam_score(x: torch.Tensor, period: int, phase: int = 1) -> torch.Tensor:
     """Seam visibility of maps x (B,C,H,W) tiled by windows of ``period`` pixels: the mean |step|
     between neighbours across the window borders (columns and rows k * period) over the mean
-    |step| across every other pair of neighbours. 1: borders look like anywhere else. -> (B,)"""
-    if x.shape[-1] <= period and x.shape[-2] <= period:
-        raise ValueError(f"maps of size {tuple(x.shape[-2:])} have no border at period {period}")
+    |step| across the other pairs at the same position in a ``phase`` grid (``phase`` = pixels per
+    latent token: every token border; interpolation and the decoder's up-sampling make steps
+    between tokens differ from steps inside one, so like is compared with like). 1: the window
+    borders look like any other token border. -> (B,)"""
+    if period % phase or (x.shape[-1] <= period and x.shape[-2] <= period):
+        raise ValueError(
+            f"period={period} must be a multiple of phase={phase} and smaller than the maps "
+            f"{tuple(x.shape[-2:])}"
+        )
     dx = (x[..., :, 1:] - x[..., :, :-1]).abs().mean(1)  # (B, H, W-1): step between col j, j+1
     dy = (x[..., 1:, :] - x[..., :-1, :]).abs().mean(1)  # (B, H-1, W)
-    on_x = torch.zeros(dx.shape[-1], dtype=torch.bool, device=x.device)
-    on_x[period - 1 :: period] = True
-    on_y = torch.zeros(dy.shape[-2], dtype=torch.bool, device=x.device)
-    on_y[period - 1 :: period] = True
-    border = torch.cat([dx[..., on_x].flatten(1), dy[:, on_y].flatten(1)], 1)
-    inside = torch.cat([dx[..., ~on_x].flatten(1), dy[:, ~on_y].flatten(1)], 1)
-    return border.mean(1) / inside.mean(1).clamp_min(1e-12)
+
+    def kinds(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        j = torch.arange(n, device=x.device) + 1  # step j-1 -> j
+        return j % period == 0, (j % phase == 0) & (j % period != 0)
+
+    bx, ox = kinds(dx.shape[-1])
+    by, oy = kinds(dy.shape[-2])
+    border = torch.cat([dx[..., bx].flatten(1), dy[:, by].flatten(1)], 1)
+    other = torch.cat([dx[..., ox].flatten(1), dy[:, oy].flatten(1)], 1)
+    return border.mean(1) / other.mean(1).clamp_min(1e-12)
