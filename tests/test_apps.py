@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from cartlib.apps.edit import hue_rotate, hue_shift, inpaint, keep_masks, recolour, relight
-from cartlib.apps.highres import high_resolution, seam_score
+from cartlib.apps.highres import compare_upscaling, high_resolution, seam_score
 from cartlib.apps.superres import lr_prefix, super_resolve
 from cartlib.config import DecomposeConfig, TokenizerConfig
 from cartlib.decompose.factors import Factorization
@@ -206,6 +206,10 @@ def test_high_resolution_size_and_overlap_removes_seams():
     s_nov, s_ov = seam_score(nov.detail, 8), seam_score(ov.detail, 8)
     assert (s_nov > 2).all() and (s_ov < s_nov).all(), (s_nov, s_ov)
     assert (seam_score(ov.images, 16, 2) < seam_score(nov.images, 16, 2)).all()
+    both = compare_upscaling(model, tok, [0, 0], **kw)
+    assert set(both.images) == {"bilinear", "base only", "NOV", "OV"}
+    torch.testing.assert_close(both.images["OV"], ov.images)  # one generation, four upscalings
+    assert (both.detail_seams["OV"] < both.detail_seams["NOV"]).all()
 
 
 def test_super_resolution_keeps_the_given_tokens():
