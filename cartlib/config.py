@@ -72,6 +72,7 @@ class DecomposeConfig:
     alpha: float = 1.0  # smoothness weight (Eq. 4), paper: 1
     lam: float = 0.01  # edge-length weight (Eq. 4), paper: 0.01
     eps: float | None = None  # AT edge width; None = the solver's documented default
+    kind: str = "base_detail"  # base_detail (Eq. 5) | intrinsic (albedo/shading) | specular
 
     def __post_init__(self) -> None:
         check_ranges(self)

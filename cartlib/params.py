@@ -197,6 +197,40 @@ class AttentionParams:  # 07_attention_maps
     progress: bool = True
 
 
+@dataclass
+class HighResParams:  # 08_high_resolution_and_super_resolution
+    preset: str = "smoke"
+    dataset: str = "skimage-photos"
+    scale: int = 2
+    n_images: int = 8
+    guidance: float = 2.0
+    compare_var: bool = False
+    n_fid: int = 0
+    n_sr: int = 16
+    tokenizer_steps: int | None = None
+    ar_steps: int | None = None
+    seed: int = 42
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
+@dataclass
+class EditParams:  # 09_recolour_relight_inpaint
+    preset: str = "smoke"
+    dataset: str = "skimage-photos"
+    shading_steps: int = 2
+    specular_order: int = 4
+    lighting_depth: int = 1
+    hue: float = 120.0
+    n_images: int = 6
+    guidance: float = 2.0
+    tokenizer_steps: int | None = None
+    ar_steps: int | None = None
+    seed: int = 42
+    run_dir: str = "papermill_runs/smoke"
+    progress: bool = True
+
+
 SCHEMAS: dict[str, type] = {
     "01_mumford_shah_decomposition": DecompositionParams,
     "02_train_tokenizer": TokenizerParams,
@@ -205,6 +239,8 @@ SCHEMAS: dict[str, type] = {
     "05_sampling": SamplingParams,
     "06_ablation_decomposition_order": AblationParams,
     "07_attention_maps": AttentionParams,
+    "08_high_resolution_and_super_resolution": HighResParams,
+    "09_recolour_relight_inpaint": EditParams,
 }
 
 

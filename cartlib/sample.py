@@ -83,6 +83,16 @@ def _check_args(model, labels, cfg, top_k, top_p, temperature, rejection=1):
         raise ValueError(f"rejection={rejection} must be >= 1 (candidates per kept image)")
 
 
+def _check_forced(sched, forced, forced_mask) -> None:
+    if (forced is None) != (forced_mask is None):
+        raise ValueError("pass forced and forced_mask together (token maps and where to keep them)")
+    if forced is not None and not len(forced) == len(forced_mask) == sched.n_steps:
+        raise ValueError(
+            f"forced ({len(forced)}) and forced_mask ({len(forced_mask)}) need one map per step "
+            f"of the schedule ({sched.n_steps}); use tokenizer.encode(images) for forced"
+        )
+
+
 @torch.no_grad()
 def generate(
     model,
@@ -98,24 +108,41 @@ def generate(
     prefix: list[torch.Tensor] | None = None,
     rejection: int = 1,
     scorer: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    forced: list[torch.Tensor] | None = None,
+    forced_mask: list[torch.Tensor] | None = None,
 ) -> Generation:
     """Class-conditional samples for ``labels`` (B,) (``model.num_classes`` = unconditional).
 
     ``prefix`` = given token maps r_1..r_k (e.g. a low-resolution image's base tokens for
-    super-resolution): they are fed instead of sampled. ``rejection`` > 1: best of that many
+    super-resolution): they are fed instead of sampled. ``forced`` = token maps r_1..r_M and
+    ``forced_mask`` = bool maps (B,h_m,w_m): where the mask is True the token is forced to the
+    given one at every step, elsewhere sampled (inpainting, :mod:`cartlib.apps.edit`).
+    ``rejection`` > 1: best of that many
     candidates per image by ``scorer`` (default: the implicit classifier, see the module doc);
     the candidates are drawn as one batch of B x rejection. Same seed -> identical samples."""
     device = next(model.parameters()).device
     labels = torch.as_tensor(labels, device=device).long()
     _check_args(model, labels, cfg, top_k, top_p, temperature, rejection)
+    _check_forced(model.schedule, forced, forced_mask)
     kw = dict(cfg=cfg, cfg_schedule=cfg_schedule, top_k=top_k, top_p=top_p)
     kw.update(temperature=temperature, seed=seed, return_steps=return_steps)
     if rejection == 1:
-        return _generate(model, tokenizer, labels, prefix=prefix, null=False, **kw)
+        return _generate(model, tokenizer, labels, prefix, forced, forced_mask, null=False, **kw)
     b, r = len(labels), rejection
     many = labels.repeat_interleave(r)
-    pre = None if prefix is None else [p.to(device).repeat_interleave(r, 0) for p in prefix]
-    cand = _generate(model, tokenizer, many, prefix=pre, null=scorer is None, **kw)
+    rep = lambda maps: (
+        None if maps is None else [t.to(device).repeat_interleave(r, 0) for t in maps]
+    )
+    cand = _generate(
+        model,
+        tokenizer,
+        many,
+        rep(prefix),
+        rep(forced),
+        rep(forced_mask),
+        null=scorer is None,
+        **kw,
+    )
     score = cand.log_ratio if scorer is None else scorer(cand.images, many).to(device)
     keep = score.view(b, r).argmax(1) + torch.arange(b, device=device) * r  # (B,)
     return Generation(
@@ -127,8 +154,8 @@ def generate(
 
 
 def _generate(
-    model, tokenizer, labels, cfg, cfg_schedule, top_k, top_p, temperature, seed, return_steps,
-    prefix, null: bool,
+    model, tokenizer, labels, prefix, forced, forced_mask, cfg, cfg_schedule, top_k, top_p,
+    temperature, seed, return_steps, null: bool,
 ) -> Generation:  # fmt: skip
     """One sampling pass; ``null``: also run the null class without guidance (for log_ratio)."""
     device = labels.device
@@ -155,6 +182,9 @@ def _generate(
             idx = prefix[m].to(device).view(b, step.h, step.w)
         else:
             idx = sample_tokens(logits, temperature, top_k, top_p, gen).view(b, step.h, step.w)
+        if forced is not None:  # inpainting: tokens outside the region are the given ones
+            keep = forced_mask[m].to(device).view(b, step.h, step.w)
+            idx = torch.where(keep, forced[m].to(device).view(b, step.h, step.w).long(), idx)
         if doubled:  # Bayes: log p(c | x) - log p(c), summed over this step's tokens
             picked = idx.flatten(1).repeat(2, 1)[..., None]  # (2B, h_m w_m, 1)
             lp = raw.float().log_softmax(-1).gather(-1, picked)

@@ -205,13 +205,19 @@ class _CentreImages(Dataset):
         return x.float().div_(255), label
 
 
+def stored_order(cfg) -> int:
+    """How many bases the data path supplies: the Mumford-Shah hierarchy's n; none for the
+    intrinsic and specular factorisations, closed forms the tokenizer computes per batch."""
+    return cfg.order if cfg.decompose.kind == "base_detail" else 0
+
+
 class Bases:
     """B_1..B_n of a batch (Eq. 6), from the switch ``data.cache_bases``: the on-disk cache
     (looked up by item index) or computed on the batch's device. ``bases(x, idx)`` -> float
     (b, n, 3, R, R) on x's device, or None at order 0."""
 
     def __init__(self, cfg, source: ItemSource, device=None, progress: bool = True):
-        d, self.order, self.cache = cfg.decompose, cfg.order, None
+        d, self.order, self.cache = cfg.decompose, stored_order(cfg), None
         self.params = {"alpha": d.alpha, "lam": d.lam, "eps": d.eps}
         if self.order and cfg.data.cache_bases:
             if cfg.data.random_crop or cfg.data.hflip:

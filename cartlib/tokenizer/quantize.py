@@ -187,6 +187,22 @@ class ScheduleQuantizer(nn.Module):
             step_mse=torch.stack(step_mse),
         )
 
+    @torch.no_grad()
+    def quantize_base(self, f_base: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:
+        """Alg. 1's base steps alone on a given base feature map f_B (B,C,h_M,w_M): r_1..r_upto
+        (default: all B base steps), each (B,h_k,w_k). What encoding an image gives for them, so
+        a base can be re-tokenized after an edit (recolouring) or for a patch (high resolution)."""
+        upto = self.schedule.n_base if upto is None else upto
+        if not 1 <= upto <= self.schedule.n_base:
+            raise ValueError(f"upto={upto}: choose between 1 and {self.schedule.n_base} base steps")
+        f_hat, tokens = None, []
+        for m in range(upto):
+            step = self.schedule[m]
+            rest = f_base if f_hat is None else f_base - f_hat  # f_B - sum of phi terms
+            tokens.append(self.nearest(resize(rest, (step.h, step.w))))
+            f_hat = self.add_term(f_hat, tokens[-1], m)
+        return tokens
+
     # ----------------------------------------------------------------------- Alg. 2
     def add_term(self, f_hat: torch.Tensor | None, idx: torch.Tensor, m: int) -> torch.Tensor:
         """Alg. 2, one step: f_hat + phi_m(interpolate(z_m, h_M, w_M)) (f_hat None: the first)."""

@@ -5,7 +5,10 @@
     images = tok.decode(f_hat)                # D(f_hat), (B, 3, H, W) in [0, 1]
 
 The base-detail quantizer needs the bases B_1..B_n of every image (Eq. 7); ``encode`` computes them
-with the Ambrosio-Tortorelli hierarchy when they are not given (training passes cached ones).
+when they are not given (training passes cached ones). Which decomposition gives them is
+``DecomposeConfig.kind`` (:mod:`cartlib.decompose.factors`): Ambrosio-Tortorelli base/detail,
+intrinsic albedo/shading (learned in the log domain, decoded by exponentiation) or specular.
+Images in and out are always I in [0, 1]; bases are in the decomposition's model space.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ import torch
 from torch import nn
 
 from cartlib.config import DecomposeConfig, TokenizerConfig, decomposition_order
-from cartlib.decompose import base_detail
+from cartlib.decompose.factors import Factorization
 from cartlib.schedule import TokenSchedule
 from cartlib.tokenizer.quantize import QUANTIZERS, QuantOutput, ScheduleQuantizer
 from cartlib.tokenizer.vqvae import ARCHS, downsample_factor
@@ -27,6 +30,8 @@ class TokenizerOutput:
     recon: torch.Tensor  # D(f_hat) (B,3,H,W)
     recon_base: torch.Tensor | None  # D(f_hat of the base steps) (B,3,H,W), or None at order 0
     quant: QuantOutput
+    target: torch.Tensor  # what recon approximates: the image in model space (B,3,H,W)
+    target_base: torch.Tensor | None  # what recon_base approximates: B_n in model space
 
 
 class Tokenizer(nn.Module):
@@ -51,6 +56,7 @@ class Tokenizer(nn.Module):
                 f"{latent}"
             )
         self.cfg, self.decompose_cfg, self.resolution = cfg, decompose, resolution
+        self.factors = Factorization.from_config(decompose, self.schedule.n_factors)
         encoder, decoder = ARCHS[cfg.arch]
         self.encoder = encoder(cfg.channels, cfg.ch_mult, cfg.latent_channels)
         self.decoder = decoder(cfg.channels, cfg.ch_mult, cfg.latent_channels)
@@ -73,10 +79,12 @@ class Tokenizer(nn.Module):
         return self.schedule.n_factors
 
     def _encode_all(self, images: torch.Tensor, bases: torch.Tensor | None):
-        """E(I) and E(B_k) (Eq. 7) in one batched pass. bases: (B, n, 3, H, W) or None."""
+        """E(X) and E(B_k) (Eq. 7) in one batched pass, X = the images in model space.
+        bases: (B, n, 3, H, W) in model space, or None. -> (X, f_X, [f_B1 .. f_Bn] or None)"""
         n = self.order
+        x = self.factors.to_model(images)
         if n == 0:
-            return self.encode_features(images), None
+            return x, self.encode_features(x), None
         if bases is None:
             bases = self.decompose(images)
         if bases.shape[1] != n:
@@ -85,9 +93,9 @@ class Tokenizer(nn.Module):
                 f"bases of base_detail(x, order={n})"
             )
         b = images.shape[0]
-        stacked = torch.cat([images[:, None], bases.to(images)], 1).flatten(0, 1)
+        stacked = torch.cat([x[:, None], bases.to(x)], 1).flatten(0, 1)
         feats = self.encode_features(stacked).unflatten(0, (b, n + 1))
-        return feats[:, 0], [feats[:, k] for k in range(1, n + 1)]
+        return x, feats[:, 0], [feats[:, k] for k in range(1, n + 1)]
 
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
         """f = E(I) (Eq. 7), (B,3,H,W) -> (B,C,h,w) (VAR: then ``quant_conv``)."""
@@ -99,24 +107,27 @@ class Tokenizer(nn.Module):
 
     @torch.no_grad()
     def decompose(self, images: torch.Tensor) -> torch.Tensor:
-        """B_1..B_n of each image with this tokenizer's decomposition settings. -> (B,n,3,H,W)"""
-        d = self.decompose_cfg
-        dec = base_detail(images.float(), order=self.order, alpha=d.alpha, lam=d.lam, eps=d.eps)
-        return torch.stack(dec.bases, 1).to(images)
+        """B_1..B_n of each image with this tokenizer's decomposition (kind and settings), in
+        model space. -> (B,n,3,H,W)"""
+        return self.factors.bases(images)
 
     def forward(self, images: torch.Tensor, bases: torch.Tensor | None = None) -> TokenizerOutput:
-        f_image, f_bases = self._encode_all(images, bases)
+        """Training pass: reconstructions in model space (unclamped) and their targets."""
+        if self.order > 0 and bases is None:
+            bases = self.decompose(images)
+        x, f_image, f_bases = self._encode_all(images, bases)
         q = self.quantizer(f_image, f_bases)
         recon = self.decode_features(q.f_hat)
         recon_base = self.decode_features(q.f_hat_base) if self.order > 0 else None
-        return TokenizerOutput(recon, recon_base, q)
+        target_base = bases[:, -1].to(x) if self.order > 0 else None
+        return TokenizerOutput(recon, recon_base, q, x, target_base)
 
     @torch.no_grad()
     def encode(self, images: torch.Tensor, bases: torch.Tensor | None = None) -> list[torch.Tensor]:
         """Alg. 1: the token maps r_1..r_M of ``images`` (bases computed when not given)."""
         was = self.training
         self.eval()
-        f_image, f_bases = self._encode_all(images, bases)
+        _, f_image, f_bases = self._encode_all(images, bases)
         tokens = self.quantizer(f_image, f_bases).tokens
         self.train(was)
         return tokens
@@ -125,7 +136,8 @@ class Tokenizer(nn.Module):
         return self.quantizer.features(tokens, upto)
 
     def decode(self, f_hat: torch.Tensor) -> torch.Tensor:
-        return self.decode_features(f_hat).clamp(0, 1)
+        """D(f_hat) mapped back to images in [0, 1] (intrinsic: by exponentiation)."""
+        return self.factors.from_model(self.decode_features(f_hat).clamp(0, 1))
 
     @torch.no_grad()
     def partial_reconstructions(self, tokens: list[torch.Tensor]) -> torch.Tensor:
@@ -157,7 +169,8 @@ def reconstruction_report(
         sums += ((steps - x[None]) ** 2).flatten(2).mean(-1).sum(-1).double().cpu()
         if b is not None and tok.order > 0:
             recon_base = steps[tok.schedule.n_base - 1]
-            base_sum += float(((recon_base - b[:, -1]) ** 2).flatten(1).mean(-1).sum())
+            target = tok.factors.from_model(b[:, -1])  # B_n as an image
+            base_sum += float(((recon_base - target) ** 2).flatten(1).mean(-1).sum())
         n += len(x)
     p = counts / counts.sum()
     nz = p[p > 0]

@@ -16,7 +16,7 @@ from accelerate.utils import broadcast
 
 from cartlib.config import save_config
 from cartlib.data.augment import centre
-from cartlib.data.stream import Bases, StepSampler, StepStream, batches, source_for
+from cartlib.data.stream import Bases, StepSampler, StepStream, batches, source_for, stored_order
 from cartlib.perceptual import lpips_model
 from cartlib.tokenizer import Tokenizer
 from cartlib.tokenizer.losses import CompoundLoss
@@ -44,7 +44,7 @@ def tokenizer_training_data(cfg, split: str = "train", progress: bool = True, de
     GPU if there is one). For evaluation sets and smoke/tiny training; ImageNet-size splits
     stream instead (``train_tokenizer(cfg, run_dir)``) and are refused here."""
     source = source_for(cfg.data, split, progress)
-    n, r, order = len(source), cfg.data.resolution, cfg.order
+    n, r, order = len(source), cfg.data.resolution, stored_order(cfg)
     need = n * 3 * r * r * 2 * (1 + order)
     if need > IN_MEMORY_BYTES:
         raise MemoryError(
@@ -135,7 +135,7 @@ def train_tokenizer(
         tok.train()
         with acc.autocast():
             out = tok(x, b)
-            loss, logs = crit.generator_loss(out, x, None if b is None else b[:, -1], step)
+            loss, logs = crit.generator_loss(out, out.target, out.target_base, step)
         opt.zero_grad(set_to_none=True)
         acc.backward(loss)
         acc.clip_grad_norm_(tok.parameters(), 1.0)
@@ -143,7 +143,7 @@ def train_tokenizer(
         sch.step()
         if crit.gan_on(step):
             with acc.autocast():
-                d_loss = crit.discriminator_loss(out.recon.float(), x)
+                d_loss = crit.discriminator_loss(out.recon.float(), out.target)
             opt_d.zero_grad(set_to_none=True)
             acc.backward(d_loss)
             opt_d.step()

@@ -17,6 +17,8 @@ from cartlib.viz.images import (
     decomposition_rows_figure,
     image_grid_figure,
     show_grid,
+    show_steps,
+    show_token_maps,
     steps_figure,
     token_maps_figure,
 )
@@ -43,6 +45,8 @@ __all__ = [
     "save_open_figures",
     "show",
     "show_grid",
+    "show_steps",
+    "show_token_maps",
     "step_bars_figure",
     "steps_figure",
     "table5_figure",

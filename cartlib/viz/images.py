@@ -49,6 +49,16 @@ def show_grid(images: torch.Tensor, nrow: int = 8, title: str | None = None, **k
     show(image_grid_figure(images, nrow, title, **kwargs), title or "grid")
 
 
+def show_steps(steps: torch.Tensor, labels: list[str], title: str | None = None, **kwargs) -> None:
+    """``show(steps_figure(...), title)`` in one call."""
+    show(steps_figure(steps, labels, title, **kwargs), title or "steps")
+
+
+def show_token_maps(tokens: list[torch.Tensor], labels: list[str], vocab: int) -> None:
+    """``show(token_maps_figure(...), "token maps")`` in one call."""
+    show(token_maps_figure(tokens, labels, vocab), "token maps")
+
+
 def compare_figure(images: list[torch.Tensor], titles: list[str], title=None, size=2.6):
     """One row of images (C, H, W) side by side with titles (e.g. a base beside low-passes)."""
     fig, axes = plt.subplots(
