@@ -153,6 +153,11 @@ class TrainARParams:  # 04_train_ar
     num_processes: int | None = None
     mixed_precision: str | None = None
     data_root: str | None = None
+    gpu_mem_gib: float | None = None
+    num_machines: int = 1
+    machine_rank: int = 0
+    main_process_ip: str = ""
+    main_process_port: int = 29500
     run_dir: str = "papermill_runs/smoke"
     progress: bool = True
 
