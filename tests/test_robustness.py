@@ -315,7 +315,8 @@ def test_changed_pixels_of_an_in_memory_dataset_recompute_the_decomposition(tmp_
 # --------------------------------------------------------------- 4. exit codes that do not lie
 def test_notebook_04_that_trains_nothing_fails_its_papermill_run(tmp_path):
     out = tmp_path / "04.ipynb"
-    args = ["-p", "depth", "30", "-p", "run_dir", str(tmp_path / "run"), "-k", "cartlib"]
+    args = ["-p", "depth", "30", "-p", "run_dir", str(tmp_path / "run"), "-k", "cartlib",
+            "-p", "num_machines", "2", "-p", "main_process_ip", "10.0.0.1"]  # fmt: skip
     proc = subprocess.run(
         [sys.executable, "-m", "papermill", str(ROOT / "notebooks" / "04_train_ar.ipynb"),
          str(out), *args, "--cwd", str(ROOT / "notebooks"), "--no-progress-bar"],
@@ -325,6 +326,9 @@ def test_notebook_04_that_trains_nothing_fails_its_papermill_run(tmp_path):
     assert "NothingTrainedError" in proc.stderr
     printed = out.read_text()
     assert "Not training here. What it needs" in printed and "accelerate launch" in printed
+    # the plan's layout and one command per machine (16 GPUs over 2 machines), plus SLURM
+    assert "micro-batch" in printed and "accumulation" in printed and "machine 1:" in printed
+    assert (tmp_path / "run" / "train-ar.slurm").exists()
 
 
 @pytest.mark.parametrize(
