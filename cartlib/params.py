@@ -203,7 +203,7 @@ class AttentionParams:  # 07_attention_maps
 
 
 @dataclass
-class HighResParams:  # 08_high_resolution_and_super_resolution
+class HighResParams:  # 08_high_resolution_and_super_resolution (draft: docs/drafts/, see README)
     preset: str = "smoke"
     dataset: str = "skimage-photos"
     scale: int = 2
@@ -220,7 +220,7 @@ class HighResParams:  # 08_high_resolution_and_super_resolution
 
 
 @dataclass
-class EditParams:  # 09_recolour_relight_inpaint
+class EditParams:  # 09_recolour_relight_inpaint (draft: docs/drafts/, see README)
     preset: str = "smoke"
     dataset: str = "skimage-photos"
     shading_steps: int = 2
@@ -244,8 +244,6 @@ SCHEMAS: dict[str, type] = {
     "05_sampling": SamplingParams,
     "06_ablation_decomposition_order": AblationParams,
     "07_attention_maps": AttentionParams,
-    "08_high_resolution_and_super_resolution": HighResParams,
-    "09_recolour_relight_inpaint": EditParams,
 }
 
 
