@@ -59,3 +59,38 @@ def test_papermill_sees_every_parameter(path):
 
     schema, _ = NOTEBOOKS[path.stem]
     assert set(pm.inspect_notebook(str(path))) == {f.name for f in dataclasses.fields(schema)}
+
+
+LESSONS = [p for p in PATHS if p.stem[:2] in {"03", "04", "05", "06", "07"}]
+
+
+def code_of(path) -> str:
+    return "\n".join("".join(c["source"]) for c in cells(path) if c["cell_type"] == "code")
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_figures_are_built_in_cartlib_viz_and_shown_one_way(path):
+    """Notebooks import, call and show: no matplotlib of their own, every figure through
+    ``viz.show(fig, name)`` (which also registers it for ``save_open_figures``)."""
+    code = code_of(path)
+    for banned in ("plt.", "matplotlib", "show_grid", "plot_history"):
+        assert banned not in code, f"{path.name}: {banned!r}; build the figure in cartlib.viz"
+    assert "viz.show(" in code and "viz.save_open_figures(" in code
+
+
+@pytest.mark.parametrize("path", LESSONS, ids=lambda p: p.stem)
+def test_every_figure_is_explained_before_it_is_shown(path):
+    """A lesson says in markdown, right before a figure, what the reader should notice in it."""
+    nb = cells(path)
+    for i, c in enumerate(nb):
+        if c["cell_type"] == "code" and "viz.show(" in "".join(c["source"]):
+            before = nb[i - 1]
+            assert before["cell_type"] == "markdown", f"{path.name}: cell {i} has no explanation"
+            assert "**Notice:**" in "".join(before["source"]), f"{path.name}: cell {i - 1}"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_notebook_ends_with_checks_on_what_it_measured(path):
+    last = [c for c in cells(path) if c["cell_type"] == "code"][-1]
+    source = "".join(last["source"])
+    assert "assert " in source, f"{path.name}: the last cell must check the saved numbers"
