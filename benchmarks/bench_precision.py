@@ -13,9 +13,10 @@ evaluated in fp32):
 * on the tokens of the *bf16* tokenizer (fp32 and bf16): the comparison the first version of
   this benchmark made, where tokenizer and transformer both changed.
 
-Never fails on time. ``--quick`` runs the fp32/bf16 pair on the fp32 tokenizer's tokens only.
+Never fails on time. ``--quick`` runs the fp32/bf16 pair on the fp32 tokenizer's tokens only,
+``--runs NAME ...`` the named transformer runs (and only the tokenizers they need).
 
-    .venv/bin/python benchmarks/bench_precision.py [--preset smoke] [--quick]
+    .venv/bin/python benchmarks/bench_precision.py [--preset smoke] [--quick] [--runs fp32 ...]
 """
 
 from __future__ import annotations
@@ -116,28 +117,33 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--preset", default="smoke")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--runs", nargs="*", help="names of the transformer runs (default: all)")
     args = ap.parse_args()
+    runs = {  # name: (tokens of the tokenizer trained in, AR precision, patch, AR overrides)
+        "fp32": ("no", "no", "", {}),
+        "bf16": ("no", "bf16", "", {}),
+        "bf16-sdpa": ("no", "bf16", "sdpa", {}),
+        "bf16-fp32-head": ("no", "bf16", "fp32_head", {}),
+        "fp32-seed1": ("no", "no", "", {"seed": 1}),
+        "fp32-var": ("no", "no", "", VAR_DETAILS),
+        "bf16tok-fp32": ("bf16", "no", "", {}),
+        "bf16tok-bf16": ("bf16", "bf16", "", {}),
+    }
+    names = args.runs or (["fp32", "bf16"] if args.quick else list(runs))
+    unknown = set(names) - set(runs)
+    if unknown:
+        raise SystemExit(f"unknown runs {sorted(unknown)}; choose from {', '.join(runs)}")
     cfg = load_preset(args.preset)
     data = train.tokenizer_training_data(cfg, "train", progress=False)
     test = train.tokenizer_training_data(cfg, "test", progress=False)
     toks, tok_rows = {}, []
-    for precision in ("no",) if args.quick else ("no", "bf16"):
+    wanted = {runs[n][0] for n in names}
+    for precision in [p for p in ("no", "bf16") if p in wanted]:
         with tempfile.TemporaryDirectory() as root:
             toks[precision], row = train_tokenizer(args.preset, precision, root, data, test)
         tok_rows.append(row)
+        print(row, flush=True)
     table(tok_rows)
-    runs = [  # (tokens of tokenizer, AR precision, patch, AR overrides)
-        ("no", "no", "", {}),
-        ("no", "bf16", "", {}),
-        ("no", "bf16", "sdpa", {}),
-        ("no", "bf16", "fp32_head", {}),
-        ("no", "no", "", {"seed": 1}),
-        ("no", "no", "", VAR_DETAILS),
-        ("bf16", "no", "", {}),
-        ("bf16", "bf16", "", {}),
-    ]
-    if args.quick:
-        runs = runs[:2]
     tokens = {
         p: (
             train.extract_tokens(tok, data[0], data[1], progress=False),
@@ -146,13 +152,12 @@ def main() -> None:
         for p, tok in toks.items()
     }
     rows = []
-    for tok_prec, precision, patch, ar in runs:
+    for name in names:
+        tok_prec, precision, patch, ar = runs[name]
         train_tokens, test_tokens = tokens[tok_prec]
         r = train_ar(args.preset, precision, patch, toks[tok_prec], train_tokens, data[2],
                      test_tokens, test[2][:256], **ar)  # fmt: skip
-        what = "+".join(filter(None, [patch, "var" if ar is VAR_DETAILS else "", *(
-            f"{k}={v}" for k, v in ar.items() if ar is not VAR_DETAILS)]))  # fmt: skip
-        rows.append({"tokens of": tok_prec, "AR": precision, "variant": what or "-", **r})
+        rows.append({"run": name, "tokens of": tok_prec, "AR": precision, **r})
         print(rows[-1], flush=True)
     table(rows)
 
