@@ -134,6 +134,20 @@ def test_uniform_attention_gives_each_step_its_key_share():
     assert prof["uniform_share"] == pytest.approx(expected)
     assert prof["self_share"] == pytest.approx(expected, abs=1e-6)
     assert prof["self_share"][0] == pytest.approx(1.0)  # r_1 has only itself to look at
+    for m, shares in enumerate(prof["map_share"]):
+        keys = CART.offsets[m + 1]
+        assert shares == pytest.approx([CART[k].numel / keys for k in range(m + 1)], abs=1e-6)
+
+
+def test_map_shares_locate_attention_on_the_map_it_goes_to():
+    maps = uniform_maps(CART, b=1, heads=1)
+    m = CART.n_steps - 1  # D_1 looks only at the 2x2 base map
+    a = torch.zeros_like(maps[m])
+    a[..., CART.step_slice(1)] = 1.0 / CART[1].numel
+    maps[m] = a
+    prof = step_attention_profile(maps, CART)
+    assert prof["map_share"][m] == pytest.approx([0, 1, 0, 0, 0])
+    assert prof["self_share"][m] == 0 and prof["uniform_share"][m] == pytest.approx(16 / 53)
 
 
 def test_centre_query_heatmap_puts_a_one_hot_key_on_its_cell_of_the_full_grid():

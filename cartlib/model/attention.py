@@ -51,23 +51,26 @@ def attention_distance(attn: torch.Tensor, q_pos: torch.Tensor, k_pos: torch.Ten
     return float((attn.float() * d).sum(-1).mean())
 
 
-def step_attention_profile(maps_per_step: list[torch.Tensor], schedule) -> dict[str, list[float]]:
-    """Per generation step m, from one map per cached step (B, heads, h_m w_m, L_{<=m}):
+def step_attention_profile(maps_per_step: list[torch.Tensor], schedule) -> dict[str, list]:
+    """Per generation step m, from one map per cached step (B, heads, h_m w_m, L_{<=m}),
+    averaged over images, heads and the step's queries:
 
     * ``distance``: attention distance of the step's queries (:func:`attention_distance`);
-    * ``self_share``: the share of attention its tokens give to their own token map r_m (the
-      rest goes to r_1..r_{m-1}, Eq. 9's conditioning);
+    * ``map_share``: the share of attention on each token map r_1..r_m (a list of m + 1 numbers
+      summing to 1) — what Eq. 9's conditioning on r_{<m} is made of;
+    * ``self_share``: the share on the step's own map r_m (the last entry of ``map_share``);
     * ``uniform_share``: that share under uniform attention over the allowed keys,
       h_m w_m / L_{<=m} — a self share below it means the step favours earlier maps."""
     pos = schedule.positions()
-    dist, self_share, uniform = [], [], []
+    out: dict[str, list] = {"distance": [], "map_share": [], "self_share": [], "uniform_share": []}
     for m, a in enumerate(maps_per_step):
         sl = schedule.step_slice(m)
-        keys = slice(0, sl.stop)
-        dist.append(attention_distance(a, pos[sl], pos[keys]))
-        self_share.append(float(a[..., sl.start : sl.stop].sum(-1).mean()))
-        uniform.append((sl.stop - sl.start) / sl.stop)
-    return {"distance": dist, "self_share": self_share, "uniform_share": uniform}
+        out["distance"].append(attention_distance(a, pos[sl], pos[: sl.stop]))
+        shares = [float(a[..., schedule.step_slice(k)].sum(-1).mean()) for k in range(m + 1)]
+        out["map_share"].append(shares)
+        out["self_share"].append(shares[-1])
+        out["uniform_share"].append((sl.stop - sl.start) / sl.stop)
+    return out
 
 
 def attention_heatmap(weights: torch.Tensor, schedule, upto_step: int) -> torch.Tensor:
