@@ -70,9 +70,10 @@ def save_png_folder(images: torch.Tensor, folder: str | os.PathLike, start: int 
     return folder
 
 
-def load_png_folder(folder: str | os.PathLike) -> torch.Tensor:
-    """All ``*.png`` of a folder (sorted by name) as uint8 (B,3,H,W)."""
-    files = sorted(Path(folder).glob("*.png"))
+def load_png_folder(folder: str | os.PathLike, limit: int | None = None) -> torch.Tensor:
+    """The ``*.png`` of a folder (sorted by name; the first ``limit`` when given, so a 50,000
+    image sample set is not read whole to show a few) as uint8 (B,3,H,W)."""
+    files = sorted(Path(folder).glob("*.png"))[:limit]
     if not files:
         raise ValueError(f"no .png files in {folder}; write samples with save_png_folder first")
     arr = np.stack([np.asarray(Image.open(f).convert("RGB")) for f in files])

@@ -185,7 +185,8 @@ class AblationParams:  # 06_ablation_decomposition_order
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     n_samples: int = 50
     n_reference: int = 200
-    guidance: float = 2.0
+    guidance: float | None = None
+    adm_reference: str = ""
     tokenizer_steps: int | None = None
     ar_steps: int | None = None
     run_dir: str = "papermill_runs/smoke"

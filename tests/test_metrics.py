@@ -223,6 +223,7 @@ def test_png_folder_and_adm_npz(tmp_path):
     x = crops(n_per_photo=1)
     u8 = (x * 255).round().to(torch.uint8)
     assert torch.equal(metrics.load_png_folder(metrics.save_png_folder(x, tmp_path / "png")), u8)
+    assert torch.equal(metrics.load_png_folder(tmp_path / "png", limit=2), u8[:2])
     npz = np.load(metrics.save_npz_for_adm(x, tmp_path / "samples.npz"))
     assert list(npz.keys()) == ["arr_0"] and npz["arr_0"].dtype == np.uint8
     assert np.array_equal(npz["arr_0"], u8.permute(0, 2, 3, 1).numpy())  # NHWC
