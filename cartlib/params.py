@@ -182,6 +182,7 @@ class AblationParams:  # 06_ablation_decomposition_order
     preset: str = "smoke"
     orders: list[int] = field(default_factory=lambda: [0, 3])
     flat_base: bool = False
+    train_seeds: list[int] = field(default_factory=lambda: [0])
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
     n_samples: int = 50
     n_reference: int = 200
@@ -204,7 +205,7 @@ class AttentionParams:  # 07_attention_maps
 
 
 @dataclass
-class HighResParams:  # 08_high_resolution_and_super_resolution (draft: docs/drafts/, see README)
+class HighResParams:  # 08_high_resolution_and_super_resolution
     preset: str = "smoke"
     dataset: str = "skimage-photos"
     scale: int = 2
@@ -245,6 +246,7 @@ SCHEMAS: dict[str, type] = {
     "05_sampling": SamplingParams,
     "06_ablation_decomposition_order": AblationParams,
     "07_attention_maps": AttentionParams,
+    "08_high_resolution_and_super_resolution": HighResParams,
 }
 
 
