@@ -12,6 +12,7 @@ import contextlib
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
@@ -29,6 +30,7 @@ from cartlib.train.loop import (
     weight_decay_at,
 )
 from cartlib.train.parallel import checkpoint_blocks, fsdp_plugin, shard_per_block
+from cartlib.train.sharded import is_sharded
 
 
 # ------------------------------------------------------------------------------- next-detail AR
@@ -124,8 +126,8 @@ def train_ar(
     tokenizer = tokenizer.to(acc.device).eval().requires_grad_(False)
     sched = tokenizer.schedule
     model = build_model(cfg, sched, num_classes)
-    torch_fsdp = a.fsdp and not acc.is_fsdp2  # CPUs: torch's FSDP2 over gloo
-    if a.grad_ckpt and (torch_fsdp or not a.fsdp):  # accelerate's plugin wraps the same blocks
+    torch_fsdp = a.fsdp and acc.distributed_type == DistributedType.MULTI_CPU  # over gloo
+    if a.grad_ckpt and not acc.is_fsdp2:  # else accelerate's plugin wraps the same blocks
         checkpoint_blocks(model)
     if torch_fsdp:
         shard_per_block(model, cfg.mixed_precision)  # before the optimizer: parameters change
@@ -205,7 +207,7 @@ def train_ar(
         progress=progress,
         desc=f"next-detail AR d{a.depth}",
     )
-    if a.fsdp:  # the consolidated export that the last save wrote, as sampling loads it
+    if is_sharded(core):  # the consolidated export that the last save wrote, as sampling loads it
         return load_ar(out_dir, tokenizer).to(acc.device), history
     return core.eval(), history
 

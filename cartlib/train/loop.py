@@ -142,7 +142,7 @@ def _resume(ckpt_dir: Path, accelerator, modules, optimizers, schedulers):
     state, path = found
     if "sharded" in state:
         load_shards(path.parent / state["sharded"], modules, optimizers)
-    elif is_sharded(modules):
+    elif is_sharded(*modules.values()):
         raise ValueError(
             f"{path} was written without FSDP and this run shards the model: resume it with "
             f"ar.fsdp=False, or move {ckpt_dir} away to start afresh under FSDP"
@@ -198,7 +198,7 @@ def run_loop(
     path = ckpt_dir / CKPT_NAME
     main = accelerator.is_main_process
     cores = {n: accelerator.unwrap_model(m) for n, m in modules.items()}
-    sharded = is_sharded(cores)
+    sharded = is_sharded(*cores.values())
     with dir_lock(ckpt_dir, f"training {desc}") if main else contextlib.nullcontext():
         accelerator.wait_for_everyone()  # the others resume once the main process holds the lock
         start, history = _resume(ckpt_dir, accelerator, cores, optimizers, schedulers)

@@ -34,9 +34,9 @@ from torch.distributed.fsdp import FSDPModule
 from cartlib.io import sha256_file
 
 
-def is_sharded(modules: dict[str, nn.Module]) -> bool:
+def is_sharded(*modules: nn.Module) -> bool:
     """Whether any of ``modules`` (unwrapped) is sharded by FSDP2."""
-    return any(isinstance(m, FSDPModule) for m in modules.values())
+    return any(isinstance(m, FSDPModule) for m in modules)
 
 
 def _rank_world() -> tuple[int, int]:
