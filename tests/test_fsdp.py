@@ -21,7 +21,7 @@ from torch import nn
 from torch.distributed.fsdp import fully_shard
 
 from cartlib.model import build_model
-from cartlib.train import load_ar, load_latest, train_ar
+from cartlib.train import build_optimizer, load_ar, load_latest, train_ar
 from cartlib.train import sharded as sharded_mod
 from cartlib.train.checkpoints import MANIFEST, save_checkpoint
 from cartlib.train.sharded import load_shards, save_shards, whole_state_dicts
@@ -104,7 +104,7 @@ def _sharded_net(shard: bool = True):
     if shard:
         fully_shard(net[0])
         fully_shard(net)
-    return net, torch.optim.AdamW(net.parameters(), lr=0.1)
+    return net, build_optimizer(net, lr=0.1, weight_decay=0.05)  # named groups, as training
 
 
 def _step(net, opt) -> float:
