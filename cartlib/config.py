@@ -146,7 +146,7 @@ class ARConfig:
     micro_batch: int | None = None  # images per forward/backward and process; None = the whole
     # per-process batch (batch_size / num_processes); smaller = gradient accumulation
     grad_ckpt: bool = False  # recompute each block's activations in backward
-    fsdp: bool = False  # FSDP2 full sharding per block (GPUs, through accelerate)
+    fsdp: bool = False  # FSDP2 full sharding per block (accelerate on GPUs; gloo on 2+ CPU procs)
 
     @property
     def drop_path_rate(self) -> float:

@@ -12,6 +12,8 @@ import contextlib
 from pathlib import Path
 
 import torch
+from accelerate.utils import DistributedType
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from cartlib.config import save_config
@@ -27,7 +29,8 @@ from cartlib.train.loop import (
     set_weight_decay,
     weight_decay_at,
 )
-from cartlib.train.parallel import checkpoint_blocks, fsdp_plugin
+from cartlib.train.parallel import checkpoint_blocks, fsdp_plugin, shard_per_block
+from cartlib.train.sharded import is_sharded
 
 
 # ------------------------------------------------------------------------------- next-detail AR
@@ -108,7 +111,11 @@ def train_ar(
     (N, h_k, w_k) tensors) with ``labels`` (N,). AdamW (0.9, 0.95) without decay on biases, norms
     and position/level embeddings (VAR), lr = ar.lr x batch / 256 (VAR's scaling), warm-up then
     cosine (or VAR's ``lin0``) decay to ``lr_end``, optional cosine weight-decay schedule,
-    gradient clipping, label dropout for classifier-free guidance."""
+    gradient clipping, label dropout for classifier-free guidance.
+
+    With ``ar.fsdp`` the model is fully sharded per block: by accelerate's FSDP2 plugin on GPUs,
+    by torch's ``fully_shard`` over gloo on CPUs (accelerate shards on GPUs only); checkpoints
+    are then sharded and the returned model is the consolidated export, unsharded."""
     a = cfg.ar
     out_dir = ar_dir(run_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -119,14 +126,20 @@ def train_ar(
     tokenizer = tokenizer.to(acc.device).eval().requires_grad_(False)
     sched = tokenizer.schedule
     model = build_model(cfg, sched, num_classes)
-    if a.grad_ckpt and not a.fsdp:  # under FSDP accelerate's plugin wraps the same blocks
+    torch_fsdp = a.fsdp and acc.distributed_type == DistributedType.MULTI_CPU  # over gloo
+    if a.grad_ckpt and not acc.is_fsdp2:  # else accelerate's plugin wraps the same blocks
         checkpoint_blocks(model)
+    if torch_fsdp:
+        shard_per_block(model, cfg.mixed_precision)  # before the optimizer: parameters change
     lr = a.lr * a.batch_size / 256
     opt = build_optimizer(model, lr, a.weight_decay)
     lrs = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(a.warmup, a.steps, a.lr_end, a.lr_schedule)
     )
-    model, opt = acc.prepare(model, opt)
+    if torch_fsdp:  # sharded already: accelerate would wrap it in DDP
+        opt = acc.prepare(opt)
+    else:
+        model, opt = acc.prepare(model, opt)
     core = acc.unwrap_model(model)
     n_items, views, rows = token_rows(tokens)
     sampler = StepSampler(n_items, a.batch_size, a.seed, acc.process_index, acc.num_processes)
@@ -174,6 +187,8 @@ def train_ar(
             )
         opt.step()
         lrs.step()
+        if isinstance(gnorm, DTensor):  # FSDP: the norm over all shards
+            gnorm = gnorm.full_tensor()
         logs = {"loss": loss.item(), "acc": float(per_acc.mean()), "grad_norm": float(gnorm)}
         logs.update({f"loss_{m}": float(v) for m, v in enumerate(per_loss)})
         logs.update({f"acc_{m}": float(v) for m, v in enumerate(per_acc)})
@@ -192,6 +207,8 @@ def train_ar(
         progress=progress,
         desc=f"next-detail AR d{a.depth}",
     )
+    if is_sharded(core):  # the consolidated export that the last save wrote, as sampling loads it
+        return load_ar(out_dir, tokenizer).to(acc.device), history
     return core.eval(), history
 
 

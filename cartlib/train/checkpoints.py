@@ -10,11 +10,20 @@ Loading (:func:`load_latest`) checks each listed file's sha256 before unpickling
 first: a truncated file, a bit flip in the weights or a missing file is skipped with a warning
 that names it and says which checkpoint is used instead; when none is usable the error lists why.
 A folder without a manifest (written before it existed) is read from ``last.pt`` unchecked.
+
+Under FSDP a checkpoint is that file (step, history, schedulers, RNG; whole weights only when it
+ends a training run: the consolidated export) plus a folder ``step-<step>.dcp`` of
+``torch.distributed.checkpoint`` shards of the weights and optimizer moments, one file per rank
+(:mod:`cartlib.train.sharded`). The folder is written complete under a temporary name and
+renamed before the manifest lists it with every shard's sha256; the shards are checked only by
+readers that need them (resuming: ``load_latest(..., shards=True)``), not by those that read the
+weights of a finished stage.
 """
 
 from __future__ import annotations
 
 import json
+import shutil
 import warnings
 from pathlib import Path
 from typing import Any
@@ -46,9 +55,15 @@ def read_manifest(folder: Path) -> list[dict[str, Any]] | None:
         ) from e
 
 
-def save_checkpoint(folder: str | Path, state: dict[str, Any], keep: int = KEEP) -> Path:
+def save_checkpoint(
+    folder: str | Path,
+    state: dict[str, Any],
+    keep: int = KEEP,
+    shards: dict[str, dict[str, Any]] | None = None,
+) -> Path:
     """Write ``state`` (holding its ``step``) as the newest checkpoint of ``folder``; keep the
-    newest ``keep`` and their checksums. Returns the new file's path."""
+    newest ``keep`` and their checksums. ``shards``: {file: {sha256, bytes}} of the complete
+    folder ``state["sharded"]`` (FSDP) that belongs to it. Returns the new file's path."""
     folder = Path(folder)
     name = f"step-{state['step']:08d}.pt"
     sha = atomic_torch_save(state, folder / name)
@@ -58,32 +73,46 @@ def save_checkpoint(folder: str | Path, state: dict[str, Any], keep: int = KEEP)
         "sha256": sha,
         "bytes": (folder / name).stat().st_size,
     }
+    if shards is not None:
+        entry["shards"] = {"dir": state["sharded"], "files": shards}
     old = [e for e in read_manifest(folder) or [] if e["file"] != name]
     entries = [entry, *old][:keep]
     atomic_write_bytes(folder / MANIFEST, json.dumps({"checkpoints": entries}, indent=1).encode())
     atomic_symlink(name, folder / CKPT_NAME)
-    kept = {e["file"] for e in entries}
-    for p in folder.glob("step-*.pt"):
+    kept = {e["file"] for e in entries} | {e["shards"]["dir"] for e in entries if "shards" in e}
+    for p in [*folder.glob("step-*.pt"), *folder.glob("step-*.dcp")]:
         if p.name not in kept:
-            p.unlink(missing_ok=True)
+            shutil.rmtree(p) if p.is_dir() else p.unlink(missing_ok=True)
     return folder / name
 
 
-def _problem(path: Path, entry: dict[str, Any]) -> str | None:
-    """Why the file of manifest ``entry`` is unusable, or None."""
+def _file_problem(path: Path, sha256: str, size: int) -> str | None:
+    """Why ``path`` is not the file of that sha256 and size, or None."""
     if not path.is_file():
         return "it is missing"
-    size = path.stat().st_size
-    if size != entry["bytes"]:
-        return f"it has {size} bytes, {entry['bytes']} were written (truncated or overwritten)"
-    if sha256_file(path) != entry["sha256"]:
+    if path.stat().st_size != size:
+        return f"it has {path.stat().st_size} bytes, {size} were written (truncated or overwritten)"
+    if sha256_file(path) != sha256:
         return f"its sha256 differs from the one in {MANIFEST} (corrupted on disk)"
     return None
 
 
-def load_latest(folder: str | Path) -> tuple[dict[str, Any], Path] | None:
+def _problem(folder: Path, entry: dict[str, Any], shards: bool) -> str | None:
+    """Why the checkpoint of manifest ``entry`` is unusable (its file, and its shards when
+    ``shards``), or None."""
+    reason = _file_problem(folder / entry["file"], entry["sha256"], entry["bytes"])
+    if reason is None and shards and "shards" in entry:
+        sub = folder / entry["shards"]["dir"]
+        for name, f in sorted(entry["shards"]["files"].items()):
+            if why := _file_problem(sub / name, f["sha256"], f["bytes"]):
+                return f"its shard {sub / name}: {why}"
+    return reason
+
+
+def load_latest(folder: str | Path, shards: bool = False) -> tuple[dict[str, Any], Path] | None:
     """(state, path) of the newest usable checkpoint of ``folder``, or None when it has none;
-    see the module docstring for checks and fallback."""
+    see the module docstring for checks and fallback. ``shards``: also check the FSDP shards
+    (to resume from them)."""
     folder = Path(folder)
     entries = read_manifest(folder)
     if entries is None:
@@ -92,7 +121,7 @@ def load_latest(folder: str | Path) -> tuple[dict[str, Any], Path] | None:
     bad = []
     for entry in entries:
         path = folder / entry["file"]
-        reason = _problem(path, entry)
+        reason = _problem(folder, entry, shards)
         if reason is None:
             try:
                 state = load_checkpoint(path)

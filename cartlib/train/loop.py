@@ -7,7 +7,9 @@ One loop (:func:`run_loop`) serves both: in-process on a CPU for smoke runs, and
   the checkpoint holds model, optimizer, scheduler and RNG states, so a run killed after step s and
   resumed computes the same step s+1 as one that never stopped;
 * checkpoints every ``ckpt_every`` steps and at the end, the last two kept with their sha256
-  (:mod:`cartlib.train.checkpoints`): a corrupt newest one is skipped with a warning;
+  (:mod:`cartlib.train.checkpoints`): a corrupt newest one is skipped with a warning; under FSDP
+  every rank writes its shard (:mod:`cartlib.train.sharded`) and the last save of a run also
+  writes the whole weights into the checkpoint file (the consolidated export);
 * one writer per stage folder: the main process holds its lock (:func:`cartlib.io.dir_lock`)
   from resume to the last save, so a second process training the same stage waits for it (and
   then resumes the finished checkpoint) instead of interleaving its saves;
@@ -28,6 +30,7 @@ from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from torch import nn
@@ -36,13 +39,16 @@ from tqdm.auto import tqdm
 from cartlib.config import load_config
 from cartlib.io import atomic_write_bytes, dir_lock, load_checkpoint  # noqa: F401 (re-exported)
 from cartlib.train.checkpoints import CKPT_NAME, KEEP, load_latest, save_checkpoint
+from cartlib.train.sharded import is_sharded, load_shards, save_shards, whole_state_dicts
 
 
 # ------------------------------------------------------------------------------------- accelerate
 def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, fsdp=None):
     """An ``accelerate.Accelerator``; in-process (no launcher) its global state is reset first so
     a notebook can train several models with different precision settings. ``fsdp``: accelerate's
-    FSDP plugin (:func:`cartlib.train.parallel.fsdp_plugin`), GPUs only."""
+    FSDP plugin (:func:`cartlib.train.parallel.fsdp_plugin`); accelerate shards on GPUs only,
+    so on CPUs the plugin is not passed and the caller shards with torch's FSDP2 over gloo
+    (:func:`cartlib.train.parallel.shard_per_block`), which needs several launched processes."""
     if mixed_precision not in ("no", "bf16", "fp16"):
         raise ValueError(f"mixed_precision={mixed_precision!r}: choose 'no', 'bf16' or 'fp16'")
     if cpu is None:
@@ -52,12 +58,14 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, fsdp=
         GradientState._reset_state()
     if cpu and mixed_precision == "fp16":
         raise ValueError("mixed_precision='fp16' needs a GPU; use 'bf16' on CPUs")
-    if cpu and fsdp is not None:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if cpu and fsdp is not None and world < 2:
         raise ValueError(
-            "ar.fsdp=True shards through accelerate's FSDP, which needs GPUs: set ar.fsdp=False "
-            "on CPUs (gradient accumulation via ar.micro_batch also saves memory)"
+            f"ar.fsdp=True on CPUs shards over gloo between launched processes, and this is "
+            f"{world} process: launch 2 or more (tests/launching.py shows how), or set "
+            "ar.fsdp=False (gradient accumulation via ar.micro_batch also saves memory)"
         )
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=fsdp)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=None if cpu else fsdp)
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -104,16 +112,46 @@ def lr_lambda(
     return f
 
 
+def _latest(ckpt_dir: Path, main: bool):
+    """:func:`load_latest` (shards checked) on the main process; under a launcher the others
+    read the checkpoint it chose, so all resume from the same one and the shards are hashed
+    once."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return load_latest(ckpt_dir, shards=True)
+    found, choice = None, [None]
+    if main:
+        try:
+            found = load_latest(ckpt_dir, shards=True)
+            choice = [found and found[1]]
+        except RuntimeError as e:
+            choice = [e]
+    dist.broadcast_object_list(choice, src=0)
+    if isinstance(choice[0], Exception):
+        raise choice[0]
+    if main or choice[0] is None:
+        return found
+    return load_checkpoint(choice[0]), choice[0]
+
+
 def _resume(ckpt_dir: Path, accelerator, modules, optimizers, schedulers):
-    """(start step, history) after loading the newest usable checkpoint of ``ckpt_dir``."""
-    found = load_latest(ckpt_dir)
+    """(start step, history) after loading the newest usable checkpoint of ``ckpt_dir``;
+    ``modules`` unwrapped."""
+    found = _latest(ckpt_dir, accelerator.is_main_process)
     if found is None:
         return 0, []
-    state, _ = found
-    for name, mod in modules.items():
-        accelerator.unwrap_model(mod).load_state_dict(state["modules"][name])
-    for name, opt in optimizers.items():
-        opt.load_state_dict(state["optimizers"][name])
+    state, path = found
+    if "sharded" in state:
+        load_shards(path.parent / state["sharded"], modules, optimizers)
+    elif is_sharded(*modules.values()):
+        raise ValueError(
+            f"{path} was written without FSDP and this run shards the model: resume it with "
+            f"ar.fsdp=False, or move {ckpt_dir} away to start afresh under FSDP"
+        )
+    else:
+        for name, mod in modules.items():
+            mod.load_state_dict(state["modules"][name])
+        for name, opt in optimizers.items():
+            opt.load_state_dict(state["optimizers"][name])
     for name, sch in schedulers.items():
         sch.load_state_dict(state["schedulers"][name])
     set_rng_state(state["rng"])
@@ -159,27 +197,32 @@ def run_loop(
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / CKPT_NAME
     main = accelerator.is_main_process
+    cores = {n: accelerator.unwrap_model(m) for n, m in modules.items()}
+    sharded = is_sharded(*cores.values())
     with dir_lock(ckpt_dir, f"training {desc}") if main else contextlib.nullcontext():
         accelerator.wait_for_everyone()  # the others resume once the main process holds the lock
-        start, history = _resume(ckpt_dir, accelerator, modules, optimizers, schedulers)
+        start, history = _resume(ckpt_dir, accelerator, cores, optimizers, schedulers)
         end = total_steps if stop_after is None else min(total_steps, start + stop_after)
 
         def save(step: int) -> None:
-            if not main:
-                return
-            state = {
-                "step": step,
-                "modules": {
-                    n: accelerator.unwrap_model(m).state_dict() for n, m in modules.items()
-                },
-                "optimizers": {n: o.state_dict() for n, o in optimizers.items()},
-                "schedulers": {n: s.state_dict() for n, s in schedulers.items()},
-                "rng": rng_state(),
-                "history": history,
-                **(extra_state() if extra_state else {}),
-            }
-            save_checkpoint(ckpt_dir, state, keep)
-            atomic_write_bytes(ckpt_dir / "history.json", json.dumps(history).encode())
+            """The checkpoint of ``step``: one file from the main process, plus every rank's
+            shards under FSDP (then whole weights in the file only at this run's last save)."""
+            state, shards = {"step": step}, None
+            if sharded:
+                state["sharded"], shards = save_shards(ckpt_dir, step, cores, optimizers)
+                if step == end:  # the consolidated export (collective)
+                    state["modules"] = whole_state_dicts(cores)
+            elif main:
+                state["modules"] = {n: m.state_dict() for n, m in cores.items()}
+                state["optimizers"] = {n: o.state_dict() for n, o in optimizers.items()}
+            if main:
+                state["schedulers"] = {n: s.state_dict() for n, s in schedulers.items()}
+                state.update(rng=rng_state(), history=history)
+                state.update(extra_state() if extra_state else {})
+                save_checkpoint(ckpt_dir, state, keep, shards)
+                atomic_write_bytes(ckpt_dir / "history.json", json.dumps(history).encode())
+            if sharded:
+                accelerator.wait_for_everyone()  # the manifest lists it before anyone goes on
 
         bar = tqdm(
             range(start, end),
@@ -259,4 +302,11 @@ def load_stage(path: str | Path, module: str, how: str, extra: tuple[str, ...] =
     found = load_latest(path)
     if found is None:
         raise FileNotFoundError(f"{path / CKPT_NAME} is missing: train it first ({how})")
-    return load_config(path / "config.yaml"), found[0]["modules"][module]
+    state, file = found
+    if "modules" not in state:
+        raise FileNotFoundError(
+            f"{file} (step {state['step']}) holds its weights only as FSDP shards in "
+            f"{path / state['sharded']}: the last save of a training run writes them whole; "
+            f"resume the training to its end ({how})"
+        )
+    return load_config(path / "config.yaml"), state["modules"][module]
