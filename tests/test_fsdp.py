@@ -30,6 +30,15 @@ PROBE = Path(__file__).with_name("fsdp_probe.py")
 TOLERANCE = 5e-5  # max |parameter difference| FSDP (2 x b) vs plain (1 x 2b), as tests/test_layout
 
 
+@pytest.fixture(autouse=True)
+def _keep_threads():
+    """layout_probe.setup() pins torch to one thread; later tests in this process compare
+    in-process runs with subprocess runs bit for bit, so the count is restored."""
+    threads = torch.get_num_threads()
+    yield
+    torch.set_num_threads(threads)
+
+
 def _max_diff(a: dict, b: dict) -> float:
     assert a.keys() == b.keys()
     return max((a[k].float() - b[k].float()).abs().max().item() for k in a)
