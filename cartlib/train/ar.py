@@ -8,7 +8,6 @@ several views per image (``data.views``), each step draws one view per item from
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import torch
@@ -29,7 +28,12 @@ from cartlib.train.loop import (
     set_weight_decay,
     weight_decay_at,
 )
-from cartlib.train.parallel import checkpoint_blocks, fsdp_plugin, shard_per_block
+from cartlib.train.parallel import (
+    checkpoint_blocks,
+    fsdp_plugin,
+    gradient_sync,
+    shard_per_block,
+)
 from cartlib.train.sharded import is_sharded
 
 
@@ -164,7 +168,7 @@ def train_ar(
         maps = [x[:, sched.step_slice(m)].view(-1, s.h, s.w) for m, s in enumerate(sched)]
         with torch.no_grad():
             inputs = tokenizer.quantizer.teacher_inputs(maps)
-        with contextlib.nullcontext() if sync else acc.no_sync(model):
+        with gradient_sync(model, acc, sync):
             with acc.autocast():
                 logits = model(y, inputs)
             loss, per_loss, per_acc = ar_loss(logits, x, core.level_ids, sched.n_steps)

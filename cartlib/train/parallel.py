@@ -8,6 +8,7 @@ not cover (one-process checks in ``benchmarks/gpu_check.py``, FSDP over gloo on 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import torch
@@ -62,3 +63,22 @@ def fsdp_plugin(checkpointing: bool):
         activation_checkpointing=checkpointing,
         cpu_ram_efficient_loading=False,
     )
+
+
+@contextlib.contextmanager
+def gradient_sync(model: nn.Module, accelerator, sync: bool):
+    """Backward of one micro-batch with (``sync``) or without the cross-process gradient
+    reduction. Non-final micro-batches skip it: DDP through ``accelerator.no_sync``; FSDP2
+    modules, for which ``no_sync`` does nothing, through ``set_requires_gradient_sync(False)``
+    (gradients then accumulate unsharded until the last micro-batch reduce-scatters them once)."""
+    if sync:
+        yield
+    elif hasattr(model, "set_requires_gradient_sync"):  # FSDP2 (fully_shard)
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+    else:
+        with accelerator.no_sync(model):
+            yield
