@@ -257,6 +257,11 @@ class RunConfig:
         """A type-checked copy with nested overrides, e.g. ``cfg.updated(ar={"depth": 4})``."""
         return apply_overrides(self, sections)
 
+    def with_train_seed(self, seed: int) -> RunConfig:
+        """The same run trained from another seed: tokenizer and transformer (the training
+        seeds of the ablation, notebook 06)."""
+        return self.updated(tokenizer={"seed": seed}, ar={"seed": seed})
+
     def var_baseline(self) -> RunConfig:
         """This run's VAR baseline: the same everything at order 0 (multi-scale quantizer)."""
         return self.with_order(0)

@@ -185,16 +185,26 @@ def _write_png(path: Path, image: np.ndarray) -> None:
 
 @torch.no_grad()
 def sample_images(
-    cfg, run_dir, per_class: int | None = None, batch: int = 50, seed: int = 0, progress=True
+    cfg,
+    run_dir,
+    per_class: int | None = None,
+    batch: int = 50,
+    seed: int = 0,
+    progress=True,
+    models: tuple | None = None,
 ) -> Path:
     """``per_class`` (default ``cfg.sample.per_class``) samples of every class of the trained
     transformer of ``cfg``, drawn with the settings of ``cfg.sample`` (guidance, top-k/p,
     rejection: the full-scale presets hold VAR's FID setting): image j has label j mod C and
     belongs to chunk j // batch, generated with the seed (seed, chunk). Writes ``png/<j>.png``,
-    ``samples.npz`` and ``manifest.json`` into :func:`sample_folder` (returned)."""
+    ``samples.npz`` and ``manifest.json`` into :func:`sample_folder` (returned). ``models``:
+    the (tokenizer, transformer) of ``cfg`` when the caller holds them already, else they are
+    loaded from ``run_dir``."""
     state = process_state()
-    tok = trained("tokenizer", cfg, run_dir).to(state.device)
-    model = trained("ar", cfg, run_dir, tok).to(state.device)
+    if models is None:
+        tok = trained("tokenizer", cfg, run_dir)
+        models = tok, trained("ar", cfg, run_dir, tok)
+    tok, model = (m.to(state.device) for m in models)
     per_class = per_class or cfg.sample.per_class
     kw = cfg.sample.generate_kwargs()
     settings = {"per_class": per_class, "batch": batch, "seed": seed, **kw}

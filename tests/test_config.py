@@ -105,6 +105,8 @@ def test_config_owns_its_derived_values_and_refuses_inconsistent_quantizer_order
     assert var.order == 0 and var.tokenizer.quantizer == "multiscale"
     assert var.schedule().n_steps == len(cfg.tokenizer.base_patch_nums)
     assert cfg.with_order(2).schedule().n_factors == 2
+    seeded = cfg.with_train_seed(3)
+    assert (seeded.tokenizer.seed, seeded.ar.seed) == (3, 3) and seeded.order == cfg.order
     flat = cfg.with_flat_base()
     assert set(flat.tokenizer.base_patch_nums) == {cfg.tokenizer.base_patch_nums[-1]}
     with pytest.raises(ConfigError, match="quantizer='multiscale'.*order=3.*-p order 0"):
