@@ -222,7 +222,7 @@ class HighResParams:  # 08_high_resolution_and_super_resolution
 
 
 @dataclass
-class EditParams:  # 09_recolour_relight_inpaint (draft: docs/drafts/, see README)
+class EditParams:  # 09_recolour_relight_inpaint
     preset: str = "smoke"
     dataset: str = "skimage-photos"
     shading_steps: int = 2
@@ -247,6 +247,7 @@ SCHEMAS: dict[str, type] = {
     "06_ablation_decomposition_order": AblationParams,
     "07_attention_maps": AttentionParams,
     "08_high_resolution_and_super_resolution": HighResParams,
+    "09_recolour_relight_inpaint": EditParams,
 }
 
 

@@ -5,11 +5,20 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cartlib.apps.edit import hue_rotate, hue_shift, inpaint, keep_masks, recolour, relight
+from cartlib.apps.edit import (
+    hue_rotate,
+    hue_shift,
+    inpaint,
+    intrinsic_factors,
+    keep_masks,
+    recolour,
+    recolour_tokens,
+    relight,
+)
 from cartlib.apps.highres import compare_upscaling, high_resolution, seam_score
 from cartlib.apps.superres import lr_prefix, super_resolve
 from cartlib.config import DecomposeConfig, TokenizerConfig
-from cartlib.decompose.factors import Factorization
+from cartlib.decompose.factors import LOG_OFFSET, Factorization
 from cartlib.decompose.intrinsic import forward_differences, intrinsic, poisson_neumann
 from cartlib.decompose.specular import specular
 from cartlib.model import NextDetailTransformer
@@ -253,10 +262,24 @@ def test_recolour_and_relight_edit_only_their_factor():
     x = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
     tok = tiny_tokenizer("intrinsic", 1, depth=2)
     tokens = tok.encode(x)
-    images, new = recolour(tok, tokens, 90.0)
+    images, new = recolour_tokens(tok, tokens, 90.0)
     n_base = tok.schedule.n_base
     assert images.shape == x.shape
     assert all(torch.equal(a, b) for a, b in zip(new[n_base:], tokens[n_base:], strict=True))
+    # the pixel route: albedo and shading as the tokens decode them, recomposed
+    full = tok.decode(tok.features(tokens))
+    log_a, log_s = intrinsic_factors(tok, tokens)
+    torch.testing.assert_close(((log_a + log_s).exp() - LOG_OFFSET).clamp(0, 1), full)
+    torch.testing.assert_close(recolour(tok, tokens, 0.0), full)
+    left = torch.zeros(2, 1, 16, 16, dtype=torch.bool)
+    left[..., :8] = True
+    part = recolour(tok, tokens, 90.0, region=left)
+    torch.testing.assert_close(part[..., 8:], full[..., 8:])  # outside the region: untouched
+    a_turned = hue_rotate(log_a.exp(), 90.0)
+    inside = (a_turned > LOG_OFFSET / 4).all(1, keepdim=True) & left  # no clamp at the log
+    inside &= (part > 0).all(1, keepdim=True) & (part < 1).all(1, keepdim=True)
+    expected = log_s.exp() * a_turned - LOG_OFFSET  # the turned albedo times the shading
+    torch.testing.assert_close(part[inside.expand_as(part)], expected[inside.expand_as(part)])
     turned = hue_rotate(torch.rand(1, 3, 4, 4), 40.0)
     assert abs(float(hue_shift(hue_rotate(turned, -40.0), turned)) - 40) < 1e-3
     spec = tiny_tokenizer("specular", 2)

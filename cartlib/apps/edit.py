@@ -1,11 +1,15 @@
 """Editing through tokens: recolouring (Figure 8), lighting control (Figure 9) and inpainting.
 
 * **Recolouring** (intrinsic tokenizer, :mod:`cartlib.decompose.intrinsic`): the base token maps
-  hold the log albedo, the detail maps the log shading. :func:`recolour` decodes the albedo alone
-  (Alg. 2 over the base steps), rotates its hue (in YIQ, which keeps luminance), re-tokenizes it
-  (Alg. 1's base steps, ``quantize_base``) and keeps every shading token: the light on the
-  surfaces is untouched, their colour changes. ``region`` restricts the edit to a pixel mask
-  (recolouring one object).
+  hold the log albedo, the detail maps the log shading. :func:`intrinsic_factors` decodes both from
+  an image's own token maps (Alg. 2 over the base steps: log A; the detail steps' addition: log S).
+  :func:`recolour` rotates the hue of that albedo (in YIQ, which keeps luminance) and recomposes
+  I' = exp(log A' + log S): the light CART generated on the surfaces is kept exactly, their colour
+  changes. :func:`recolour_tokens` goes through tokens instead: it re-tokenizes the turned albedo
+  (Alg. 1's base steps, ``quantize_base``) and keeps every shading token, giving new token maps —
+  but only colours the codebook can express survive the quantization (at tiny scale, trained on a
+  few photos, a turned hue falls back to the photos' own: README, "Results"). ``region``
+  restricts either edit to a pixel mask (recolouring one object).
 * **Lighting control** (specular tokenizer, :mod:`cartlib.decompose.specular`): decoding the base
   steps gives the diffuse base A_n; each group of detail steps adds one specular factor,
   E_n first. :func:`relight` adds ``level`` of them, the last one scaled by a continuous
@@ -75,25 +79,54 @@ def _require(tokenizer, kind: str) -> None:
 
 # ---------------------------------------------------------------------------------- recolouring
 @torch.no_grad()
+def intrinsic_factors(tokenizer, tokens: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log A (B,3,H,W), log S (B,3,H,W)) as an intrinsic CART decodes them from its token maps:
+    log A from the base steps alone, log S = what the detail steps add, so that
+    exp(log A + log S) - delta is exactly ``tokenizer.decode`` of all steps. Logs of I + delta."""
+    _require(tokenizer, "intrinsic")
+    n_base = tokenizer.schedule.n_base
+    x_a = tokenizer.decode_features(tokenizer.features(tokens, n_base)).clamp(0, 1)
+    x_i = tokenizer.decode_features(tokenizer.features(tokens)).clamp(0, 1)
+    log_a = log_denormalise(x_a.float())
+    return log_a, log_denormalise(x_i.float()) - log_a
+
+
+@torch.no_grad()
 def albedo(tokenizer, tokens: list[torch.Tensor]) -> torch.Tensor:
     """The decoded albedo of intrinsic token maps: exp(log A) of the base steps. (B,3,H,W)"""
-    _require(tokenizer, "intrinsic")
-    x_a = tokenizer.decoder(tokenizer.features(tokens, tokenizer.schedule.n_base)).clamp(0, 1)
-    return log_denormalise(x_a).exp()  # albedo of I + delta, >= delta
+    return intrinsic_factors(tokenizer, tokens)[0].exp()  # albedo of I + delta, >= delta
+
+
+def _turn(a: torch.Tensor, degrees: float, region: torch.Tensor | None) -> torch.Tensor:
+    turned = hue_rotate(a, degrees).clamp_min(LOG_OFFSET / 4)  # log needs positive albedo
+    if region is None:
+        return turned
+    if region.shape[-2:] != a.shape[-2:] or region.shape[1] != 1:
+        raise ValueError(f"region {tuple(region.shape)} must be (B,1,H,W) like the images")
+    return torch.where(region.to(a.device).bool(), turned, a)
 
 
 @torch.no_grad()
 def recolour(
     tokenizer, tokens: list[torch.Tensor], degrees: float, region: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Rotate the hue of the albedo that intrinsic token maps decode to by ``degrees`` (inside
+    the pixel mask ``region`` (B,1,H,W) if given) and recompose with their own shading:
+    exp(log A' + log S) - delta, in [0, 1]. At 0 degrees: the tokens' reconstruction. (B,3,H,W)"""
+    log_a, log_s = intrinsic_factors(tokenizer, tokens)
+    turned = _turn(log_a.exp(), degrees, region)
+    return ((turned.log() + log_s).exp() - LOG_OFFSET).clamp(0, 1)
+
+
+@torch.no_grad()
+def recolour_tokens(
+    tokenizer, tokens: list[torch.Tensor], degrees: float, region: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """Rotate the albedo hue of intrinsic token maps by ``degrees`` (inside the pixel mask
-    ``region`` (B,1,H,W) if given), keep the shading tokens. -> (images, new token maps)"""
+    """The token route (module docstring): re-tokenize the turned albedo, keep the shading
+    tokens. -> (images, new token maps)"""
     q, n_base = tokenizer.quantizer, tokenizer.schedule.n_base
-    a = albedo(tokenizer, tokens)
-    turned = hue_rotate(a, degrees).clamp_min(LOG_OFFSET / 4)  # log needs positive albedo
-    if region is not None:
-        turned = torch.where(region.to(a.device).bool(), turned, a)
-    f_a = tokenizer.encoder(log_normalise(turned.log()))  # Eq. 7 on the edited albedo
+    turned = _turn(albedo(tokenizer, tokens), degrees, region)
+    f_a = tokenizer.encode_features(log_normalise(turned.log()))  # Eq. 7 on the edited albedo
     new = q.quantize_base(f_a) + [t.long() for t in tokens[n_base:]]  # Alg. 1 base, shading kept
     return tokenizer.decode(tokenizer.features(new)), new
 
