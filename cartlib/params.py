@@ -131,6 +131,7 @@ class TokenizerParams:  # 02_train_tokenizer
 class TokenizationParams:  # 03_tokenization
     PREFER: ClassVar = ("tokenizer",)
     preset: str = "smoke"
+    dataset: str | None = None
     order: int | None = None
     steps: int | None = None
     n_eval: int = 256
@@ -165,6 +166,7 @@ class TrainARParams:  # 04_train_ar
 @dataclass
 class SamplingParams:  # 05_sampling
     preset: str = "smoke"
+    dataset: str | None = None
     guidance: float = 2.0
     cfg_schedule: str = "linear"
     top_k: int = 0
@@ -180,6 +182,7 @@ class SamplingParams:  # 05_sampling
 @dataclass
 class AblationParams:  # 06_ablation_decomposition_order
     preset: str = "smoke"
+    dataset: str | None = None
     orders: list[int] = field(default_factory=lambda: [0, 3])
     flat_base: bool = False
     train_seeds: list[int] = field(default_factory=lambda: [0])
@@ -197,6 +200,7 @@ class AblationParams:  # 06_ablation_decomposition_order
 @dataclass
 class AttentionParams:  # 07_attention_maps
     preset: str = "smoke"
+    dataset: str | None = None
     layer: int = -1
     label: int = 0
     seed: int = 42
