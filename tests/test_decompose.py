@@ -15,10 +15,12 @@ import torch.nn.functional as F
 
 from cartlib.decompose import (
     DecomposedDataset,
+    Decomposition,
     ambrosio_tortorelli,
     at_energy,
     base_detail,
     decompose_dataset,
+    detail_share,
     div,
     grad,
 )
@@ -255,6 +257,34 @@ def test_total_variation_falls_level_by_level():
     tv = torch.stack([total_variation(b) for b in (x, *dec.bases)])  # (4, B)
     assert (tv[1:] < tv[:-1]).all(), tv
     assert (tv[-1] < 0.85 * tv[0]).all()  # B_3 is visibly smoother than I
+
+
+def test_detail_share_of_hand_made_layers_is_known_in_closed_form():
+    """I = 0.5 + D_1 + D_2 with D_1 a +-0.1 checkerboard and D_2 +-0.2 halves (orthogonal, mean 0):
+    Var(I) = 0.01 + 0.04, so the details hold all of it, D_1 a fifth and D_2 four fifths."""
+    i, j = torch.meshgrid(torch.arange(8), torch.arange(8), indexing="ij")
+    d1 = (0.1 * (-1.0) ** (i + j)).double().expand(2, 3, 8, 8)
+    d2 = torch.where(j < 4, -0.2, 0.2).double().expand(2, 3, 8, 8)
+    base = torch.full((2, 3, 8, 8), 0.5, dtype=torch.float64)
+    x = base + d1 + d2
+    share = detail_share(x, dec=Decomposition(base=base, details=[d1, d2]))
+    assert share.total == pytest.approx(1.0) and share.layers == pytest.approx([0.2, 0.8])
+
+
+def test_detail_share_matches_a_direct_numpy_computation():
+    x = torch.cat([photos(16), torch.full((1, 3, 16, 16), 0.3, dtype=torch.float64)])
+    share = detail_share(x, order=2)
+    dec = base_detail(x, order=2)
+    a = x.numpy()
+    expected = ((a - dec.base.numpy()) ** 2).sum() / (a.size * a.var())
+    assert share.total == pytest.approx(expected, rel=1e-9) and 0 < share.total < 0.2
+    assert share.layers == pytest.approx(
+        [(d.numpy() ** 2).sum() / (a.size * a.var()) for d in dec.details], rel=1e-9
+    )
+    flat = base_detail(x[-1:], order=2)  # AT leaves a constant image as it is: no details
+    assert flat.details[0].abs().max() < 1e-12
+    with pytest.raises(ValueError, match="Var"):
+        detail_share(x[-1:], order=2)
 
 
 # -------------------------------------------------------------------------------------- bad input

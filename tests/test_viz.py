@@ -80,6 +80,40 @@ def test_steps_figure_has_a_column_per_step_and_frames_the_base_column():
     assert is_color(axes[1, CART.n_base - 1].spines["left"].get_edgecolor(), "orange")
 
 
+def test_steps_figure_shows_what_each_detail_step_added_amplified_by_a_stated_gain():
+    """Detail steps that each add +-0.02 (the 99th percentile of |change|): gain 0.4 / 0.02 = 20,
+    drawn as 0.5 + 20 x change beneath the decoded row, stated in the row and the title."""
+    g = torch.Generator().manual_seed(0)
+    nb, b = CART.n_base, 2
+    steps = torch.rand(CART.n_steps, b, 1, 4, 4, generator=g) * 0.5 + 0.25
+    sign = torch.randint(0, 2, ((CART.n_steps - nb), b, 1, 4, 4), generator=g) * 2.0 - 1
+    for k in range(nb, CART.n_steps):
+        steps[k] = steps[k - 1] + 0.02 * sign[k - nb]
+    labels = [s.label for s in CART]
+    fig = viz.steps_figure(steps, labels, title="strip", highlight=nb - 1, details_from=nb)
+    assert fig.detail_gain == 20 and "details x20" in fig._suptitle.get_text()
+    axes = np.array(fig.axes).reshape(2 * b, CART.n_steps)
+    for i in range(b):
+        row = axes[2 * i + 1]
+        assert [t.get_text() for t in row[nb - 1].texts] == ["details\nx20"]
+        assert [len(ax.get_images()) for ax in row] == [0] * nb + [1] * (CART.n_steps - nb)
+        for k in range(nb, CART.n_steps):
+            shown = row[k].get_images()[0].get_array()
+            expected = (0.5 + 20 * (steps[k, i, 0] - steps[k - 1, i, 0])).numpy()
+            np.testing.assert_allclose(shown, expected, atol=1e-5)
+            np.testing.assert_allclose(np.abs(shown - 0.5), 0.4, atol=1e-5)
+    fixed = viz.steps_figure(steps, labels, details_from=nb, gain=5.0)
+    assert fixed.detail_gain == 5.0 and fixed._suptitle.get_text().startswith("details x5:")
+    with pytest.raises(ValueError, match="details_from=0"):
+        viz.steps_figure(steps, labels, details_from=0)
+
+
+def test_detail_gain_maps_the_99th_percentile_to_0_4_and_is_1_without_change():
+    added = torch.linspace(-0.01, 0.01, 2001)  # |added|: 99th percentile 0.0099
+    assert viz.detail_gain(added) == pytest.approx(40.0)  # 0.4 / 0.0099 = 40.4, two digits
+    assert viz.detail_gain(torch.zeros(10)) == 1.0
+
+
 def test_token_maps_figure_draws_each_map_at_its_own_grid():
     tokens = [torch.randint(10, (1, s.h, s.w)) for s in CART]
     fig = viz.token_maps_figure(tokens, [s.label for s in CART], vocab=10)

@@ -4,7 +4,8 @@
 ``<run_dir>/figures/`` at the end.
 
 - :mod:`~cartlib.viz.core`: ``show``, the registry and ``save_open_figures``, the live panel;
-- :mod:`~cartlib.viz.images`: grids, step strips (Figures 1 and 2(a)), token maps, Figure 4;
+- :mod:`~cartlib.viz.images`: grids, step strips (Figures 1 and 2(a), with the details each step
+  added amplified), token maps, Figure 4;
 - :mod:`~cartlib.viz.plots`: training curves, per-step bars (Eq. 9), Figure 11, Table 5;
 - :mod:`~cartlib.viz.attention`: Figure 10 and the per-step attention profile.
 """
@@ -15,6 +16,7 @@ from cartlib.viz.images import (
     compare_figure,
     decomposition_figure,
     decomposition_rows_figure,
+    detail_gain,
     image_grid_figure,
     show_grid,
     show_steps,
@@ -35,6 +37,7 @@ __all__ = [
     "compare_figure",
     "decomposition_figure",
     "decomposition_rows_figure",
+    "detail_gain",
     "figure10",
     "figure11",
     "figure_panel",

@@ -79,26 +79,75 @@ def steps_figure(
     title: str | None = None,
     highlight: int | None = None,
     size: float = 1.2,
+    details_from: int | None = None,
+    gain: float | None = None,
 ):
     """Decoded images after every generation/tokenization step, (M, B, C, H, W): one row per
     image, one column per step (Figure 1's top row, Figure 2(a)); ``highlight`` frames one column
-    in orange (the generated base, as the paper's orange box)."""
+    in orange (the generated base, as the paper's orange box).
+
+    ``details_from`` = m0 (the first detail step, ``schedule.n_base``) adds beneath each image's
+    row what every step m >= m0 added, step m minus step m - 1, amplified: shown as
+    0.5 + gain x difference (mid-grey = no change), one gain for the whole figure, by default
+    :func:`detail_gain` of the shown differences. The gain is written in the row ("details x12")
+    and the title, and kept as ``fig.detail_gain``: details too faint to see in the decoded row
+    show there.
+    """
     m, b = steps.shape[:2]
+    rows = 1 if details_from is None else 2
     fig, axes = plt.subplots(
-        b, m, figsize=(size * m, size * b + 0.4), squeeze=False, layout="constrained"
+        b * rows, m, figsize=(size * m, size * b * rows + 0.4), squeeze=False, layout="constrained"
     )
     for i in range(b):
         for k in range(m):
-            ax = axes[i, k]
+            ax = axes[rows * i, k]
             ax.imshow(to_image(steps[k, i]), cmap="gray", vmin=0, vmax=1)
             bare(ax)
             if i == 0:
                 ax.set_title(labels[k], fontsize=8)
             if k == highlight:
                 frame(ax)
+    if details_from is not None:
+        gain = _added_rows(axes, steps, details_from, gain)
+        fig.detail_gain = gain
+        note = f"details x{gain:g}: 0.5 + {gain:g} x (step m - step m-1)"
+        title = f"{title}\n{note}" if title else note
     if title:
         fig.suptitle(title)
     return register(fig)
+
+
+def detail_gain(added: torch.Tensor, q: float = 0.99, target: float = 0.4) -> float:
+    """The gain that maps the ``q``-quantile of |added| to ``target``: shown as 0.5 + gain x added,
+    all but the largest 1 % of the changes stay inside [0.1, 0.9]. Rounded to two significant
+    digits, so the label states exactly the gain drawn; 1 when nothing changed."""
+    a = added.detach().float().abs().flatten().cpu()
+    a = a[:: max(1, len(a) // 1_000_000)]  # torch.quantile takes at most 16M values
+    top = torch.quantile(a, q).item() if len(a) else 0.0
+    return float(f"{target / top:.2g}") if top > 0 else 1.0
+
+
+def _added_rows(axes, steps: torch.Tensor, start: int, gain: float | None) -> float:
+    """Draw 0.5 + gain x (step k - step k-1) for k >= start in every second row; -> the gain."""
+    m, b = steps.shape[:2]
+    if isinstance(start, bool) or not isinstance(start, int) or not 1 <= start < m:
+        raise ValueError(
+            f"details_from={start!r} must be a step index in 1..{m - 1} (the first step whose "
+            "change is shown, e.g. schedule.n_base)"
+        )
+    added = steps[start:] - steps[start - 1 : -1]  # (M - start, B, C, H, W): what step k added
+    gain = detail_gain(added) if gain is None else gain
+    for i in range(b):
+        row = axes[2 * i + 1]
+        for k in range(m):
+            bare(row[k])
+            if k >= start:
+                shown = 0.5 + gain * added[k - start, i]
+                row[k].imshow(to_image(shown), cmap="gray", vmin=0, vmax=1)
+        label = f"details\nx{gain:g}"
+        ax = row[start - 1]
+        ax.text(0.5, 0.5, label, ha="center", va="center", fontsize=8, transform=ax.transAxes)
+    return gain
 
 
 def token_maps_figure(tokens: list[torch.Tensor], labels: list[str], vocab: int):
