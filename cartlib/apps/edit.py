@@ -83,18 +83,22 @@ def intrinsic_factors(tokenizer, tokens: list[torch.Tensor]) -> tuple[torch.Tens
     """(log A (B,3,H,W), log S (B,3,H,W)) as an intrinsic CART decodes them from its token maps:
     log A from the base steps alone, log S = what the detail steps add, so that
     exp(log A + log S) - delta is exactly ``tokenizer.decode`` of all steps. Logs of I + delta."""
-    _require(tokenizer, "intrinsic")
-    n_base = tokenizer.schedule.n_base
-    x_a = tokenizer.decode_features(tokenizer.features(tokens, n_base)).clamp(0, 1)
+    log_a = _log_albedo(tokenizer, tokens)
     x_i = tokenizer.decode_features(tokenizer.features(tokens)).clamp(0, 1)
-    log_a = log_denormalise(x_a.float())
     return log_a, log_denormalise(x_i.float()) - log_a
+
+
+def _log_albedo(tokenizer, tokens: list[torch.Tensor]) -> torch.Tensor:
+    """log A: the decode of the base steps alone, in the log domain. (B,3,H,W)"""
+    _require(tokenizer, "intrinsic")
+    f_a = tokenizer.features(tokens, tokenizer.schedule.n_base)
+    return log_denormalise(tokenizer.decode_features(f_a).clamp(0, 1).float())
 
 
 @torch.no_grad()
 def albedo(tokenizer, tokens: list[torch.Tensor]) -> torch.Tensor:
     """The decoded albedo of intrinsic token maps: exp(log A) of the base steps. (B,3,H,W)"""
-    return intrinsic_factors(tokenizer, tokens)[0].exp()  # albedo of I + delta, >= delta
+    return _log_albedo(tokenizer, tokens).exp()  # albedo of I + delta, >= delta
 
 
 def _turn(a: torch.Tensor, degrees: float, region: torch.Tensor | None) -> torch.Tensor:
