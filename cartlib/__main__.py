@@ -57,6 +57,12 @@ def _parser() -> argparse.ArgumentParser:
             p.add_argument("--top-p", type=float, default=None)
             p.add_argument("--temperature", type=float, default=None)
             p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser(
+        "ship", help="export a finished run's tokenizers and transformers into cartlib/shipped"
+    )
+    p.add_argument("--preset", default="tiny")
+    p.add_argument("--dataset", default=None, help="default: the preset's")
+    p.add_argument("--run-dir", default=None, help="default: papermill_runs/<preset>")
     p = sub.add_parser("synthetic-data", help="write a synthetic image folder (tests, benchmarks)")
     p.add_argument("root")
     p.add_argument("--images", type=int, default=1000)
@@ -96,6 +102,17 @@ def main(argv: list[str] | None = None) -> int:
         return check_dataset(args.name)
     if args.command == "run-series":
         return run_series(args.preset, only=args.only)
+    if args.command == "ship":
+        from cartlib import shipped
+        from cartlib.config import load_preset
+
+        cfg = load_preset(args.preset)
+        cfg = cfg if args.dataset is None else cfg.updated(data={"dataset": args.dataset})
+        # what notebooks 03 (Figure 11's tokenizers) and 05-07 (CART, VAR) load
+        cfgs = {**cfg.tokenizer_variants(), "ar:CART": cfg, "ar:VAR": cfg.var_baseline()}
+        run_dir = args.run_dir or f"papermill_runs/{args.preset}"
+        shipped.ship(cfgs, runs.resolve_run_dir(run_dir), args.preset)
+        return 0
     if args.command == "synthetic-data":
         make_image_folder(args.root, args.images, args.val_images, args.classes, seed=args.seed)
         return 0

@@ -262,6 +262,19 @@ class RunConfig:
         seeds of the ablation, notebook 06)."""
         return self.updated(tokenizer={"seed": seed}, ar={"seed": seed})
 
+    def tokenizer_variants(self) -> dict[str, RunConfig]:
+        """The four tokenizers of Figure 11 (notebook 03) at this run's settings: vanilla
+        residual VQ at full size with as many steps as CART has token maps, VAR's multi-scale,
+        and base-detail without and with the carried detail (``tokenizer.detail_carry``)."""
+        cart = self.with_quantizer("base_detail")
+        steps = cart.schedule().n_steps
+        return {
+            "vanilla": self.with_quantizer("vanilla").updated(tokenizer={"rq_depth": steps}),
+            "multiscale": self.with_quantizer("multiscale"),
+            "base_detail": cart.updated(tokenizer={"detail_carry": False}),
+            "base_detail+carry": cart.updated(tokenizer={"detail_carry": True}),
+        }
+
     def var_baseline(self) -> RunConfig:
         """This run's VAR baseline: the same everything at order 0 (multi-scale quantizer)."""
         return self.with_order(0)

@@ -130,13 +130,14 @@ class TokenizerParams:  # 02_train_tokenizer
 @dataclass
 class TokenizationParams:  # 03_tokenization
     PREFER: ClassVar = ("tokenizer",)
-    preset: str = "smoke"
+    preset: str = "tiny"
     dataset: str | None = None
     order: int | None = None
     steps: int | None = None
     n_eval: int = 256
     n_show: int = 4
-    run_dir: str = "papermill_runs/smoke"
+    retrain: bool = False
+    run_dir: str = "papermill_runs/shipped"
     progress: bool = True
 
 
@@ -165,7 +166,7 @@ class TrainARParams:  # 04_train_ar
 
 @dataclass
 class SamplingParams:  # 05_sampling
-    preset: str = "smoke"
+    preset: str = "tiny"
     dataset: str | None = None
     guidance: float = 2.0
     cfg_schedule: str = "linear"
@@ -175,13 +176,14 @@ class SamplingParams:  # 05_sampling
     n_per_class: int = 4
     seed: int = 42
     sweep: bool = True
-    run_dir: str = "papermill_runs/smoke"
+    retrain: bool = False
+    run_dir: str = "papermill_runs/shipped"
     progress: bool = True
 
 
 @dataclass
 class AblationParams:  # 06_ablation_decomposition_order
-    preset: str = "smoke"
+    preset: str = "tiny"
     dataset: str | None = None
     orders: list[int] = field(default_factory=lambda: [0, 3])
     flat_base: bool = False
@@ -193,18 +195,20 @@ class AblationParams:  # 06_ablation_decomposition_order
     adm_reference: str = ""
     tokenizer_steps: int | None = None
     ar_steps: int | None = None
-    run_dir: str = "papermill_runs/smoke"
+    retrain: bool = False
+    run_dir: str = "papermill_runs/shipped"
     progress: bool = True
 
 
 @dataclass
 class AttentionParams:  # 07_attention_maps
-    preset: str = "smoke"
+    preset: str = "tiny"
     dataset: str | None = None
     layer: int = -1
     label: int = 0
     seed: int = 42
-    run_dir: str = "papermill_runs/smoke"
+    retrain: bool = False
+    run_dir: str = "papermill_runs/shipped"
     progress: bool = True
 
 

@@ -31,6 +31,8 @@ from cartlib.io import (  # noqa: F401  (re-exported for notebooks)
     seed_everything,
 )
 from cartlib.shards import TokenShards, shard_folder, tokenizer_hash
+from cartlib.train.ar import TOKENIZER_HASH
+from cartlib.train.checkpoints import clear_folder, clear_if_installed, installed_from
 
 
 def _finished(folder: Path, steps: int) -> bool:
@@ -56,11 +58,25 @@ def stage_lock(folder_of):
     return wrap
 
 
+def _use_shipped(stage: str, cfg, run_dir, folder: Path, shipped: bool | None, tokenizer=None):
+    """``shipped`` True: install the checkpoint cartlib ships for these settings when the run
+    directory has none of this stage; False: empty a folder installed from one (train instead);
+    None: neither (:mod:`cartlib.shipped`)."""
+    from cartlib import shipped as shipped_stages
+
+    if shipped is False:
+        clear_if_installed(folder)
+    elif shipped and train.load_latest(folder) is None:
+        shipped_stages.install(stage, cfg, run_dir, tokenizer)
+
+
 @stage_lock(train.tokenizer_dir)
-def ensure_tokenizer(cfg, run_dir, progress: bool = True):
+def ensure_tokenizer(cfg, run_dir, progress: bool = True, shipped: bool | None = None):
     """The trained tokenizer of ``cfg`` in ``run_dir``: loaded when a finished one with the same
-    data/decomposition/tokenizer settings is there, else trained (resuming a partial run)."""
+    data/decomposition/tokenizer settings is there, else trained (resuming a partial run).
+    ``shipped``: see :func:`_use_shipped`."""
     folder = train.tokenizer_dir(resolve_run_dir(run_dir), cfg)
+    _use_shipped("tokenizer", cfg, run_dir, folder, shipped)
     if _finished(folder, cfg.tokenizer.steps):
         return train.load_tokenizer(folder)
     print(f"training the tokenizer into {folder} ({cfg.tokenizer.steps} steps)")
@@ -86,10 +102,20 @@ def ensure_tokens(cfg, run_dir, tokenizer, split: str = "train", progress: bool 
 
 
 @stage_lock(train.ar_dir)
-def ensure_ar(cfg, run_dir, progress: bool = True):
-    """(tokenizer, transformer) of ``cfg``: each loaded if finished, else trained."""
-    tok = ensure_tokenizer(cfg, run_dir, progress)
+def ensure_ar(cfg, run_dir, progress: bool = True, shipped: bool | None = None):
+    """(tokenizer, transformer) of ``cfg``: each loaded if finished, else trained. ``shipped``
+    True: a stage the run directory lacks comes from :mod:`cartlib.shipped` when cartlib ships
+    it (the transformer only on top of its own tokenizer); False: installed ones are replaced
+    by training (see :func:`_use_shipped`)."""
     folder = train.ar_dir(resolve_run_dir(run_dir), cfg)
+    if shipped is False:
+        clear_if_installed(folder)
+    tok = ensure_tokenizer(cfg, run_dir, progress, shipped)
+    _use_shipped("ar", cfg, run_dir, folder, shipped, tok)
+    if installed_from(folder) is not None and (folder / TOKENIZER_HASH).read_text() != (
+        tokenizer_hash(tok)
+    ):  # installed on a shipped tokenizer that was replaced since
+        clear_folder(folder, "its tokenizer is no longer the shipped one it was trained with")
     if _finished(folder, cfg.ar.steps):
         return tok, train.load_ar(folder, tok)
     tokens, labels, num_classes = ensure_tokens(cfg, run_dir, tok, "train", progress)

@@ -17,8 +17,10 @@ from tqdm.auto import tqdm
 
 from cartlib.config import save_config
 from cartlib.data.stream import StepSampler
+from cartlib.io import process_state
 from cartlib.model import build_model
-from cartlib.shards import TokenShards
+from cartlib.shards import TokenShards, tokenizer_hash
+from cartlib.train.checkpoints import clear_if_installed
 from cartlib.train.loop import (
     build_optimizer,
     load_stage,
@@ -35,6 +37,8 @@ from cartlib.train.parallel import (
     shard_per_block,
 )
 from cartlib.train.sharded import is_sharded
+
+TOKENIZER_HASH = "tokenizer_hash.txt"  # in a transformer's folder: the tokenizer of its tokens
 
 
 # ------------------------------------------------------------------------------- next-detail AR
@@ -53,6 +57,39 @@ def extract_tokens(tokenizer, images, bases=None, batch_size: int = 256, progres
                 ).cpu()
             )
     return [torch.cat(c) for c in cols]
+
+
+@torch.no_grad()
+def heldout_ce(model, tokenizer, images, bases, labels, batch_size: int = 64) -> dict:
+    """Teacher-forced cross-entropy (nats per token) of the tokens of held-out ``images`` under
+    their class ``labels``: ``ce`` over all tokens and ``ce_per_step`` (M,), Eq. 9 per map."""
+    device = next(model.parameters()).device
+    tokens = extract_tokens(tokenizer, images, bases, progress=False)
+    sched = model.schedule
+    total, per, n = 0.0, torch.zeros(sched.n_steps, dtype=torch.float64), 0
+    for i in range(0, len(images), batch_size):
+        maps = [t[i : i + batch_size].long().to(device) for t in tokens]
+        x = torch.cat([r.flatten(1) for r in maps], dim=1)
+        inputs = tokenizer.quantizer.teacher_inputs(maps)
+        logits = model(labels[i : i + batch_size].to(device), inputs)
+        loss, per_loss, _ = ar_loss(logits, x, model.level_ids, sched.n_steps)
+        total += float(loss) * len(x)
+        per += per_loss.double().cpu() * len(x)
+        n += len(x)
+    return {"ce": total / n, "ce_per_step": (per / n).tolist()}
+
+
+def check_tokenizer(folder: str | Path, tokenizer) -> None:
+    """Refuse a transformer folder whose tokens came from another tokenizer than ``tokenizer``
+    (its :data:`TOKENIZER_HASH` says which; folders written before it existed pass)."""
+    path = Path(folder) / TOKENIZER_HASH
+    if path.is_file() and path.read_text().strip() != (now := tokenizer_hash(tokenizer)):
+        raise ValueError(
+            f"the transformer in {folder} was trained on the tokens of tokenizer "
+            f"{path.read_text().strip()}, not of the one given ({now}): that tokenizer was "
+            f"retrained or replaced since. Delete {folder} to train the transformer again on "
+            "the new tokenizer's tokens"
+        )
 
 
 def ar_loss(logits: torch.Tensor, targets: torch.Tensor, level_ids: torch.Tensor, n_steps: int):
@@ -123,8 +160,12 @@ def train_ar(
     a = cfg.ar
     out_dir = ar_dir(run_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if process_state().is_main_process:
+        clear_if_installed(out_dir)
+    check_tokenizer(out_dir, tokenizer)  # resuming on another tokenizer's tokens: refused
     save_config(cfg, out_dir / "config.yaml")
     (out_dir / "num_classes.txt").write_text(str(num_classes))
+    (out_dir / TOKENIZER_HASH).write_text(tokenizer_hash(tokenizer))
     torch.manual_seed(a.seed)
     acc = make_accelerator(cfg.mixed_precision, fsdp=fsdp_plugin(a.grad_ckpt) if a.fsdp else None)
     tokenizer = tokenizer.to(acc.device).eval().requires_grad_(False)
@@ -220,6 +261,7 @@ def load_ar(path: str | Path, tokenizer):
     """A trained transformer from its folder (config.yaml + last.pt), in eval mode."""
     how = "notebook 04, or cartlib.runs.ensure_ar(cfg, run_dir)"
     cfg, state = load_stage(path, "model", how, extra=("num_classes.txt",))
+    check_tokenizer(path, tokenizer)
     model = build_model(cfg, tokenizer.schedule, int((Path(path) / "num_classes.txt").read_text()))
     model.load_state_dict(state)
     return model.eval()

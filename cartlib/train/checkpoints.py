@@ -39,6 +39,34 @@ from cartlib.io import (
 CKPT_NAME = "last.pt"
 MANIFEST = "checkpoints.json"
 KEEP = 2  # checkpoints kept: a corrupt newest one costs ckpt_every steps, not the stage
+INSTALLED = "shipped.json"  # in a stage folder installed from cartlib.shipped, not trained here
+
+
+def installed_from(folder: str | Path) -> dict[str, Any] | None:
+    """What a stage folder installed from :mod:`cartlib.shipped` records (source, sha256s), or
+    None when the folder was trained here (or is empty)."""
+    path = Path(folder) / INSTALLED
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def clear_folder(folder: str | Path, why: str) -> None:
+    """Empty a stage folder (checkpoints, samples, token shards; its lock file stays, the
+    caller may hold it), saying ``why``."""
+    folder = Path(folder)
+    print(f"clearing {folder}: {why}")
+    for p in sorted(folder.iterdir()) if folder.is_dir() else []:
+        if p.name != ".lock":
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def clear_if_installed(folder: str | Path) -> bool:
+    """Before training into ``folder``: a checkpoint installed from :mod:`cartlib.shipped` is not
+    resumed (it has no optimizer state, and training was asked for); the folder is emptied.
+    True when it was one."""
+    found = installed_from(folder)
+    if found is not None:
+        clear_folder(folder, f"it holds the shipped checkpoint {found['source']}; training anew")
+    return found is not None
 
 
 def read_manifest(folder: Path) -> list[dict[str, Any]] | None:

@@ -17,9 +17,11 @@ from accelerate.utils import broadcast
 from cartlib.config import save_config
 from cartlib.data.augment import centre
 from cartlib.data.stream import Bases, StepSampler, StepStream, batches, source_for, stored_order
+from cartlib.io import process_state
 from cartlib.perceptual import lpips_model
 from cartlib.tokenizer import Tokenizer
 from cartlib.tokenizer.losses import CompoundLoss
+from cartlib.train.checkpoints import clear_if_installed
 from cartlib.train.loop import (
     build_optimizer,
     load_stage,
@@ -87,6 +89,8 @@ def train_tokenizer(
     source = None if data is not None else source_for(d, "train", progress)  # data errors first
     out_dir = tokenizer_dir(run_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
+    if process_state().is_main_process:
+        clear_if_installed(out_dir)
     save_config(cfg, out_dir / "config.yaml")
     torch.manual_seed(t.seed)
     acc = make_accelerator(cfg.mixed_precision)
