@@ -16,7 +16,7 @@ PYTEST_ARGS ?=
 run: install data  ## execute the notebook series at $(PRESET) into papermill_runs/$(PRESET)/
 	$(PY) -m cartlib run-series --preset $(PRESET)
 
-test: install data  ## unit tests + every notebook at its committed smoke defaults (nbval)
+test: install data  ## unit tests + every notebook at its committed defaults (nbval)
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 	$(PY) -m pytest --nbval-lax --nbval-kernel-name $(KERNEL) --nbval-cell-timeout 900 \
 		-p no:cacheprovider notebooks $(PYTEST_ARGS)
@@ -52,4 +52,4 @@ bench: install data  ## throughput figures (never fail on time)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean-runs:
-	rm -rf papermill_runs/*/*.ipynb papermill_runs/*/runs papermill_runs/smoke
+	rm -rf papermill_runs/*/*.ipynb papermill_runs/*/runs papermill_runs/smoke papermill_runs/shipped

@@ -13,8 +13,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cartlib import launch, runs, stages
-from cartlib.config import load_config
+from cartlib import launch, runs, shipped, stages
+from cartlib.config import load_config, load_preset
 from cartlib.data import BadFileError, DatasetUnavailableError, check_dataset
 from cartlib.data.stream import source_for
 from cartlib.data.synthetic import make_image_folder
@@ -103,9 +103,6 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "run-series":
         return run_series(args.preset, only=args.only)
     if args.command == "ship":
-        from cartlib import shipped
-        from cartlib.config import load_preset
-
         cfg = load_preset(args.preset)
         cfg = cfg if args.dataset is None else cfg.updated(data={"dataset": args.dataset})
         # what notebooks 03 (Figure 11's tokenizers) and 05-07 (CART, VAR) load

@@ -18,6 +18,7 @@ import contextlib
 import functools
 from pathlib import Path
 
+from cartlib import shipped as shipped_stages
 from cartlib import stages, train
 from cartlib.io import (  # noqa: F401  (re-exported for notebooks)
     atomic_torch_save,
@@ -62,8 +63,6 @@ def _use_shipped(stage: str, cfg, run_dir, folder: Path, shipped: bool | None, t
     """``shipped`` True: install the checkpoint cartlib ships for these settings when the run
     directory has none of this stage; False: empty a folder installed from one (train instead);
     None: neither (:mod:`cartlib.shipped`)."""
-    from cartlib import shipped as shipped_stages
-
     if shipped is False:
         clear_if_installed(folder)
     elif shipped and train.load_latest(folder) is None:

@@ -142,21 +142,30 @@ def measure(cfg, tokenizer, model=None) -> dict:
     return out
 
 
+def installed(cfg, run_dir, with_model: bool = True):
+    """(tokenizer, transformer or None) of ``cfg``, installed into ``run_dir`` from here and
+    loaded as a run directory's stages are loaded."""
+    tok_dir = install("tokenizer", cfg, run_dir)
+    if tok_dir is None:
+        raise FileNotFoundError(f"cartlib ships no {folder_name('tokenizer', cfg)}")
+    tok = train.load_tokenizer(tok_dir)
+    if not with_model:
+        return tok, None
+    ar_dir = install("ar", cfg, run_dir, tok)
+    if ar_dir is None:
+        raise FileNotFoundError(f"cartlib ships no {folder_name('ar', cfg)} on that tokenizer")
+    return tok, train.load_ar(ar_dir, tok)
+
+
 def measure_shipped(tokenizer_folder: Path, ar_folder: Path | None = None) -> tuple[dict, dict]:
     """(recorded metrics, metrics now) of a shipped tokenizer (and transformer trained on it):
     both installed into a temporary run directory and loaded as a notebook loads them."""
-    from cartlib import runs
-
     cfg = load_config((ar_folder or tokenizer_folder) / "config.yaml")
     recorded = json.loads((tokenizer_folder / METRICS).read_text())["metrics"]
     if ar_folder is not None:
         recorded = {**recorded, **json.loads((ar_folder / METRICS).read_text())["metrics"]}
     with tempfile.TemporaryDirectory() as tmp:
-        if ar_folder is None:
-            tok, model = runs.ensure_tokenizer(cfg, tmp, progress=False, shipped=True), None
-        else:
-            tok, model = runs.ensure_ar(cfg, tmp, progress=False, shipped=True)
-        return recorded, measure(cfg, tok, model)
+        return recorded, measure(cfg, *installed(cfg, tmp, ar_folder is not None))
 
 
 def problems(recorded: dict, now: dict) -> list[str]:
@@ -215,21 +224,19 @@ def ship(cfgs: dict, run_dir, preset: str) -> list[Path]:
     """Export every tokenizer of ``cfgs`` (name -> RunConfig) and, for the configs whose name
     starts with ``ar:``, its transformer too; then record the metrics of the shipped weights
     (a folder of ``cartlib/shipped/<preset>/`` with the same name is replaced)."""
-    from cartlib import runs
-
     written: list[Path] = []
     for name, cfg in cfgs.items():
         dest = ROOT / preset / folder_name("tokenizer", cfg)
         if dest not in written:
             export("tokenizer", cfg, run_dir, preset)
         with tempfile.TemporaryDirectory() as tmp:
-            tok = runs.ensure_tokenizer(cfg, tmp, progress=False, shipped=True)
+            tok, _ = installed(cfg, tmp, with_model=False)
             if dest not in written:
                 _record(dest, measure(cfg, tok))
                 written.append(dest)
             if name.startswith("ar:"):
                 dest = export("ar", cfg, run_dir, preset, tokenizer=tok)
-                _, model = runs.ensure_ar(cfg, tmp, progress=False, shipped=True)
+                model = train.load_ar(install("ar", cfg, tmp, tok), tok)
                 _record(dest, {k: v for k, v in measure(cfg, tok, model).items() if k != "mse"})
                 written.append(dest)
     return written
