@@ -43,7 +43,7 @@ import torch
 
 from cartlib import metrics, train
 from cartlib.config import load_config
-from cartlib.io import atomic_torch_save, atomic_write_bytes, sha256_file
+from cartlib.io import atomic_torch_save, atomic_write_bytes, project_root, sha256_file
 from cartlib.sample import generate
 from cartlib.shards import tokenizer_hash
 from cartlib.tokenizer.tokenizer import reconstruction_report
@@ -204,7 +204,9 @@ def export(stage: str, cfg, run_dir, preset: str, tokenizer=None, model=None) ->
     history = json.dumps(state["history"]).encode()
     atomic_write_bytes(dest / HISTORY, gzip.compress(history, mtime=0))
     info = {
-        "source": str(src),
+        "source": str(
+            src.relative_to(project_root()) if src.is_relative_to(project_root()) else src
+        ),
         "step": state["step"],
         "exported": datetime.date.today().isoformat(),
         "sha256": sha256_file(dest / WEIGHTS),
