@@ -106,3 +106,26 @@ def test_only_the_exact_settings_get_a_shipped_checkpoint(tmp_path):
         assert shipped.find("ar", other) is None
     info = json.loads((shipped.find("ar", cfg) / shipped.METRICS).read_text())
     assert info["step"] == cfg.ar.steps and set(info["metrics"]) == {"ce", "fid"}
+
+
+def test_export_then_install_round_trips_the_weights_in_float16(tmp_path, monkeypatch):
+    from test_train import tiny_cfg, tiny_data
+
+    monkeypatch.setattr(shipped, "ROOT", tmp_path / "shipped")
+    cfg = tiny_cfg(steps=2, ckpt_every=2)
+    trained, _ = train.train_tokenizer(cfg, tmp_path / "run", progress=False, data=tiny_data())
+    dest = shipped.export("tokenizer", cfg, tmp_path / "run", "t")
+    info = json.loads((dest / shipped.METRICS).read_text())
+    assert info["step"] == 2 and info["source"].endswith(dest.name)
+    weights = torch.load(dest / shipped.WEIGHTS, weights_only=True)
+    assert {v.dtype for v in weights.values() if v.is_floating_point()} == {torch.float16}
+    assert shipped.find("tokenizer", cfg) == dest
+    assert shipped.find("tokenizer", cfg.updated(tokenizer={"steps": 3})) is None
+    got = runs.ensure_tokenizer(cfg, tmp_path / "other", progress=False, shipped=True)
+    for k, v in trained.state_dict().items():
+        want = v.half().float() if v.is_floating_point() else v
+        assert torch.equal(got.state_dict()[k], want), k
+    with pytest.raises(ValueError, match="installed from cartlib.shipped"):
+        shipped.export("tokenizer", cfg, tmp_path / "other", "t")
+    with pytest.raises(FileNotFoundError, match="no finished tokenizer"):
+        shipped.export("tokenizer", cfg.updated(tokenizer={"steps": 3}), tmp_path / "run", "t")
