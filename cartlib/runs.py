@@ -32,7 +32,7 @@ from cartlib.io import (  # noqa: F401  (re-exported for notebooks)
     seed_everything,
 )
 from cartlib.shards import TokenShards, shard_folder, tokenizer_hash
-from cartlib.train.ar import TOKENIZER_HASH
+from cartlib.train.ar import trained_on
 from cartlib.train.checkpoints import clear_folder, clear_if_installed, installed_from
 
 
@@ -107,13 +107,10 @@ def ensure_ar(cfg, run_dir, progress: bool = True, shipped: bool | None = None):
     it (the transformer only on top of its own tokenizer); False: installed ones are replaced
     by training (see :func:`_use_shipped`)."""
     folder = train.ar_dir(resolve_run_dir(run_dir), cfg)
-    if shipped is False:
-        clear_if_installed(folder)
     tok = ensure_tokenizer(cfg, run_dir, progress, shipped)
     _use_shipped("ar", cfg, run_dir, folder, shipped, tok)
-    if installed_from(folder) is not None and (folder / TOKENIZER_HASH).read_text() != (
-        tokenizer_hash(tok)
-    ):  # installed on a shipped tokenizer that was replaced since
+    if installed_from(folder) is not None and trained_on(folder) != tokenizer_hash(tok):
+        # installed on a shipped tokenizer that was replaced since: trained anew below
         clear_folder(folder, "its tokenizer is no longer the shipped one it was trained with")
     if _finished(folder, cfg.ar.steps):
         return tok, train.load_ar(folder, tok)

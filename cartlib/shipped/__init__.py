@@ -80,8 +80,9 @@ def available() -> list[Path]:
     return sorted(p.parent for p in ROOT.glob(f"*/*/{METRICS}"))
 
 
-def _fp32(state: dict) -> dict:
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}
+def _cast(state: dict, dtype: torch.dtype) -> dict:
+    """``state`` with its floating tensors in ``dtype`` (float16 on disk, float32 installed)."""
+    return {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
 
 
 def install(stage: str, cfg, run_dir, tokenizer=None) -> Path | None:
@@ -106,11 +107,12 @@ def install(stage: str, cfg, run_dir, tokenizer=None) -> Path | None:
     shutil.copyfile(src / "config.yaml", dest / "config.yaml")
     if (src / "num_classes.txt").exists():
         shutil.copyfile(src / "num_classes.txt", dest / "num_classes.txt")
-    history = json.loads(gzip.decompress((src / HISTORY).read_bytes()))
-    atomic_write_bytes(dest / "history.json", json.dumps(history).encode())
+    history = gzip.decompress((src / HISTORY).read_bytes())
+    atomic_write_bytes(dest / "history.json", history)
     if stage == "ar":
         (dest / TOKENIZER_HASH).write_text(info["tokenizer_hash"])
-    state = _fp32(torch.load(weights, map_location="cpu", weights_only=True))
+    state = _cast(torch.load(weights, map_location="cpu", weights_only=True), torch.float32)
+    history = json.loads(history)
     save_checkpoint(dest, {"step": info["step"], "modules": {module: state}, "history": history})
     marker = {"source": str(src.relative_to(ROOT.parent.parent)), "sha256": info["sha256"]}
     atomic_write_bytes(dest / INSTALLED, json.dumps(marker, indent=1).encode())
@@ -126,12 +128,14 @@ def heldout(cfg, n: int = N_HELDOUT):
 
 
 @torch.no_grad()
-def measure(cfg, tokenizer, model=None) -> dict:
-    """The held-out metrics this module records: ``mse`` (tokenizer), ``ce`` and ``fid``
-    (transformer, when given)."""
+def measure(cfg, tokenizer, model=None, mse: bool = True) -> dict:
+    """The held-out metrics this module records: ``mse`` (tokenizer; unless ``mse=False``),
+    ``ce`` and ``fid`` (transformer, when given)."""
     images, bases, labels = heldout(cfg)
-    report = reconstruction_report(tokenizer, images, bases if tokenizer.order else None)
-    out = {"mse": report["mse"]}
+    out = {}
+    if mse:
+        report = reconstruction_report(tokenizer, images, bases if tokenizer.order else None)
+        out["mse"] = report["mse"]
     if model is not None:
         out["ce"] = heldout_ce(model, tokenizer, images, bases, labels)["ce"]
         per_class = math.ceil(N_FID / model.num_classes)
@@ -179,7 +183,7 @@ def problems(recorded: dict, now: dict) -> list[str]:
 
 
 # ------------------------------------------------------------------------------ exporting
-def export(stage: str, cfg, run_dir, preset: str, tokenizer=None, model=None) -> Path:
+def export(stage: str, cfg, run_dir, preset: str, tokenizer=None) -> Path:
     """Copy the finished ``stage`` of ``cfg`` from ``run_dir`` into ``cartlib/shipped/<preset>/``
     (weights in float16) and record its metrics (:func:`measure`, on the rounded weights)."""
     module, folder_of = STAGES[stage]
@@ -192,9 +196,7 @@ def export(stage: str, cfg, run_dir, preset: str, tokenizer=None, model=None) ->
     state = found[0]
     dest = ROOT / preset / src.name
     dest.mkdir(parents=True, exist_ok=True)
-    half = {
-        k: v.half() if v.is_floating_point() else v for k, v in state["modules"][module].items()
-    }
+    half = _cast(state["modules"][module], torch.float16)
     if not all(torch.isfinite(v).all() for v in half.values() if v.is_floating_point()):
         raise ValueError(f"{src}: a weight overflows float16; ship float32 weights instead")
     atomic_torch_save(half, dest / WEIGHTS)
@@ -228,19 +230,20 @@ def ship(cfgs: dict, run_dir, preset: str) -> list[Path]:
     (a folder of ``cartlib/shipped/<preset>/`` with the same name is replaced)."""
     written: list[Path] = []
     for name, cfg in cfgs.items():
-        dest = ROOT / preset / folder_name("tokenizer", cfg)
-        if dest not in written:
+        tok_dest = ROOT / preset / folder_name("tokenizer", cfg)
+        new = tok_dest not in written  # a tokenizer shared by two configs is exported once
+        if new:
             export("tokenizer", cfg, run_dir, preset)
         with tempfile.TemporaryDirectory() as tmp:
             tok, _ = installed(cfg, tmp, with_model=False)
-            if dest not in written:
-                _record(dest, measure(cfg, tok))
-                written.append(dest)
+            if new:
+                _record(tok_dest, measure(cfg, tok))
+                written.append(tok_dest)
             if name.startswith("ar:"):
-                dest = export("ar", cfg, run_dir, preset, tokenizer=tok)
+                ar_dest = export("ar", cfg, run_dir, preset, tokenizer=tok)
                 model = train.load_ar(install("ar", cfg, tmp, tok), tok)
-                _record(dest, {k: v for k, v in measure(cfg, tok, model).items() if k != "mse"})
-                written.append(dest)
+                _record(ar_dest, measure(cfg, tok, model, mse=False))
+                written.append(ar_dest)
     return written
 
 

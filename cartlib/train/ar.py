@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from cartlib.config import save_config
 from cartlib.data.stream import StepSampler
-from cartlib.io import process_state
+from cartlib.io import atomic_write_bytes, process_state
 from cartlib.model import build_model
 from cartlib.shards import TokenShards, tokenizer_hash
 from cartlib.train.checkpoints import clear_if_installed
@@ -79,16 +79,22 @@ def heldout_ce(model, tokenizer, images, bases, labels, batch_size: int = 64) ->
     return {"ce": total / n, "ce_per_step": (per / n).tolist()}
 
 
+def trained_on(folder: str | Path) -> str | None:
+    """The hash of the tokenizer whose tokens the transformer in ``folder`` learned
+    (:data:`TOKENIZER_HASH`), or None for a folder written before it was recorded."""
+    path = Path(folder) / TOKENIZER_HASH
+    return path.read_text().strip() if path.is_file() else None
+
+
 def check_tokenizer(folder: str | Path, tokenizer) -> None:
     """Refuse a transformer folder whose tokens came from another tokenizer than ``tokenizer``
-    (its :data:`TOKENIZER_HASH` says which; folders written before it existed pass)."""
-    path = Path(folder) / TOKENIZER_HASH
-    if path.is_file() and path.read_text().strip() != (now := tokenizer_hash(tokenizer)):
+    (folders written before :data:`TOKENIZER_HASH` existed pass)."""
+    recorded = trained_on(folder)
+    if recorded is not None and recorded != (now := tokenizer_hash(tokenizer)):
         raise ValueError(
-            f"the transformer in {folder} was trained on the tokens of tokenizer "
-            f"{path.read_text().strip()}, not of the one given ({now}): that tokenizer was "
-            f"retrained or replaced since. Delete {folder} to train the transformer again on "
-            "the new tokenizer's tokens"
+            f"the transformer in {folder} was trained on the tokens of tokenizer {recorded}, "
+            f"not of the one given ({now}): that tokenizer was retrained or replaced since. "
+            f"Delete {folder} to train the transformer again on the new tokenizer's tokens"
         )
 
 
@@ -160,12 +166,14 @@ def train_ar(
     a = cfg.ar
     out_dir = ar_dir(run_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
-    if process_state().is_main_process:
+    main = process_state().is_main_process
+    if main:
         clear_if_installed(out_dir)
     check_tokenizer(out_dir, tokenizer)  # resuming on another tokenizer's tokens: refused
     save_config(cfg, out_dir / "config.yaml")
     (out_dir / "num_classes.txt").write_text(str(num_classes))
-    (out_dir / TOKENIZER_HASH).write_text(tokenizer_hash(tokenizer))
+    if main:  # atomic: the other processes may be reading it in check_tokenizer
+        atomic_write_bytes(out_dir / TOKENIZER_HASH, tokenizer_hash(tokenizer).encode())
     torch.manual_seed(a.seed)
     acc = make_accelerator(cfg.mixed_precision, fsdp=fsdp_plugin(a.grad_ckpt) if a.fsdp else None)
     tokenizer = tokenizer.to(acc.device).eval().requires_grad_(False)
