@@ -161,6 +161,21 @@ def test_table5_figure_plots_mean_and_std_over_seeds_beside_the_paper():
     np.testing.assert_allclose(paper.get_lines()[0].get_ydata(), [1.70, 1.65, 1.62, 1.57, 1.60])
 
 
+def test_table5_figure_marks_each_training_seed_mean_beside_the_mean_over_all_runs():
+    fids = {0: [[10.0, 12.0], [14.0, 16.0]], 3: [[8.0, 8.0], [9.0, 11.0]]}  # train x sampling
+    fig = viz.table5_figure(fids, extra={"flat base": [[20.0, 22.0], [30.0, 30.0]]})
+    ours = fig.axes[0]
+    np.testing.assert_allclose(ours.get_lines()[0].get_ydata().astype(float), [13.0, 9.0])
+    dots = [ln for ln in ours.get_lines() if ln.get_marker() == "o" and ln.get_mfc() == "none"]
+    got = sorted((float(x), float(y)) for ln in dots for x, y in ln.get_xydata())
+    want = [(0.12, 11.0), (0.12, 15.0), (3.12, 8.0), (3.12, 10.0), (4.12, 21.0), (4.12, 30.0)]
+    np.testing.assert_allclose(got, want)
+    labels = [ln.get_label() for ln in dots]
+    assert labels.count("one training seed") == 1  # one legend entry for all the dots
+    one_seed = viz.table5_figure({0: [[10.0, 12.0]], 3: [[8.0, 8.0]]})  # the smoke default
+    assert not [ln for ln in one_seed.axes[0].get_lines() if ln.get_mfc() == "none"]
+
+
 # --------------------------------------------------------------------------------- attention
 def test_uniform_attention_gives_each_step_its_key_share():
     prof = step_attention_profile(uniform_maps(CART), CART)

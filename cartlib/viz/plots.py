@@ -89,9 +89,12 @@ def figure11(mse_per_depth: dict[str, list[float]], n_base: int | None = None, t
 def table5_figure(
     fids: dict[int, list[float]], extra: dict[str, list[float]] | None = None, label=""
 ):
-    """Table 5 as a plot: FID (mean ± std over sampling seeds) against decomposition order n
-    (0 = VAR) for this run beside the paper's CART-d30 values; ``extra`` variants (e.g. Table 4's
-    flat base) are drawn as single points at the right of this run's panel."""
+    """Table 5 as a plot: FID against decomposition order n (0 = VAR) for this run beside the
+    paper's CART-d30 values. Each value of ``fids`` (and of ``extra``, variants such as Table 4's
+    flat base, drawn as single points at the right of this run's panel) holds FIDs over sampling
+    seeds, or a training seeds × sampling seeds array: the line is the mean ± std over all of them,
+    and with more than one training seed each seed's mean over sampling seeds is a hollow dot, so
+    the plot shows how far a second training run moves a variant."""
     fig, (ours, paper) = plt.subplots(1, 2, figsize=(9, 3.4), layout="constrained")
     orders = sorted(fids)
     ours.errorbar(
@@ -102,9 +105,26 @@ def table5_figure(
         capsize=4,
         label="order n",
     )
+    points = {n: (n, fids[n]) for n in orders}
     for i, (name, f) in enumerate((extra or {}).items()):
         x = max(orders) + 1 + i
         ours.errorbar([x], [np.mean(f)], yerr=[np.std(f)], fmt="s", capsize=4, label=name)
+        points[name] = (x, f)
+    label_seeds = "one training seed"
+    for x, f in points.values():
+        f = np.asarray(f, dtype=float)
+        if f.ndim == 2 and len(f) > 1:  # training seeds x sampling seeds
+            seed_means = f.mean(axis=1)
+            ours.plot(
+                [x + 0.12] * len(seed_means),
+                seed_means,
+                "o",
+                mfc="none",
+                color="gray",
+                ms=4,
+                label=label_seeds,
+            )
+            label_seeds = None
     ours.set(xlabel="decomposition order n (0 = VAR)", ylabel="FID (lower is better)")
     ours.set_title(f"this run {label}".strip(), fontsize=10)
     ours.legend(fontsize=8)
