@@ -87,7 +87,9 @@ def figure11(mse_per_depth: dict[str, list[float]], n_base: int | None = None, t
 
 
 def table5_figure(
-    fids: dict[int, list[float]], extra: dict[str, list[float]] | None = None, label=""
+    fids: dict[int, list[float] | list[list[float]]],
+    extra: dict[str, list[float] | list[list[float]]] | None = None,
+    label="",
 ):
     """Table 5 as a plot: FID against decomposition order n (0 = VAR) for this run beside the
     paper's CART-d30 values. Each value of ``fids`` (and of ``extra``, variants such as Table 4's
