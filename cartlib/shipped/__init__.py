@@ -107,12 +107,12 @@ def install(stage: str, cfg, run_dir, tokenizer=None) -> Path | None:
     shutil.copyfile(src / "config.yaml", dest / "config.yaml")
     if (src / "num_classes.txt").exists():
         shutil.copyfile(src / "num_classes.txt", dest / "num_classes.txt")
-    history = gzip.decompress((src / HISTORY).read_bytes())
-    atomic_write_bytes(dest / "history.json", history)
+    history_json = gzip.decompress((src / HISTORY).read_bytes())
+    atomic_write_bytes(dest / "history.json", history_json)
     if stage == "ar":
         (dest / TOKENIZER_HASH).write_text(info["tokenizer_hash"])
     state = _cast(torch.load(weights, map_location="cpu", weights_only=True), torch.float32)
-    history = json.loads(history)
+    history = json.loads(history_json)
     save_checkpoint(dest, {"step": info["step"], "modules": {module: state}, "history": history})
     marker = {"source": str(src.relative_to(ROOT.parent.parent)), "sha256": info["sha256"]}
     atomic_write_bytes(dest / INSTALLED, json.dumps(marker, indent=1).encode())
