@@ -8,6 +8,7 @@ The FID/KID tests share one set of 64 photo crops (32x32): the Inception network
 
 from __future__ import annotations
 
+import json
 import socket
 import urllib.request
 import warnings
@@ -148,7 +149,7 @@ def fid_runs(tmp_path_factory):
     x = crops()
     folder = metrics.save_png_folder(x, root / "samples")
     g = torch.Generator().manual_seed(1)
-    runs = {0.0: compute_fid_kid(folder, ref, cache_root=root)}
+    runs = {0.0: compute_fid_kid(folder, ref, cache_root=root, scores=root / "scores.json")}
     for sigma in NOISE:
         noisy = (x + sigma * torch.randn(x.shape, generator=g)).clamp(0, 1)
         runs[sigma] = compute_fid_kid(noisy, ref, cache_root=root)
@@ -188,6 +189,50 @@ def test_reference_features_are_cached(fid_runs):
     _, ref, root = fid_runs
     assert ref.loads == [ref.key]  # 4 FID/KID calls, the reference images loaded once
     assert (root / f"{ref.key}-{inception.EXTRACTOR}-features-2048.pt").is_file()
+
+
+def test_a_kept_score_is_read_not_recomputed(fid_runs):
+    """The folder's score, kept in scores.json by the fixture, comes back without torch-fidelity."""
+    import torch_fidelity
+
+    runs, ref, root = fid_runs
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch_fidelity, "calculate_metrics", lambda **kw: pytest.fail("recomputed"))
+        again = compute_fid_kid(root / "samples", ref, cache_root=root, scores=root / "scores.json")
+    assert again == runs[0.0]
+
+
+def test_scores_are_keyed_by_content_and_settings(monkeypatch, tmp_path):
+    """A score is reused only for the same pixels, reference and metric settings."""
+    import torch_fidelity
+
+    calls = []
+
+    def fake(**kw):  # stands in for the Inception network: a distinct FID per call
+        calls.append(kw)
+        tf = torch_fidelity
+        return {tf.KEY_METRIC_FID: len(calls), tf.KEY_METRIC_KID_MEAN: 1, tf.KEY_METRIC_KID_STD: 0}
+
+    monkeypatch.setattr(torch_fidelity, "calculate_metrics", fake)
+    x, ref, file = crops(n_per_photo=1), crops(n_per_photo=1, seed=1), tmp_path / "s.json"
+    folder = metrics.save_png_folder(x, tmp_path / "png")
+    first = compute_fid_kid(folder, ref, scores=file)
+    assert compute_fid_kid(folder, ref, scores=file) == first and len(calls) == 1
+    assert compute_fid_kid(x, ref, scores=file)["fid"] == 2  # a tensor: another key
+    assert compute_fid_kid(folder, ref, kid_subsets=7, scores=file)["fid"] == 3
+    assert compute_fid_kid(folder, ref.flip(-1), scores=file)["fid"] == 4  # another reference
+    assert compute_fid_kid(folder, Reference("fashion-mnist", count=8), scores=file)["fid"] == 5
+    y = x.clone()
+    y[0, 0, 0, 0] = 1 - y[0, 0, 0, 0]  # one pixel of one image
+    metrics.save_png_folder(y[:1], folder)
+    assert compute_fid_kid(folder, ref, scores=file)["fid"] == 6
+    metrics.save_png_folder(x[:1], folder)  # the first pixels back: the first score again
+    assert compute_fid_kid(folder, ref, scores=file) == first and len(calls) == 6
+    assert compute_fid_kid(folder, ref)["fid"] == 7  # without scores=, always computed
+    assert len(json.loads(file.read_text())) == 6
+    file.write_text('{"abc": 1')  # a half-written file
+    with pytest.raises(ValueError, match=r"s\.json is not a score file .* delete it"):
+        compute_fid_kid(folder, ref, scores=file)
 
 
 def test_reference_reads_a_registered_split():
