@@ -28,7 +28,7 @@ Decisions:
   the samples' content (sha256 of the PNG files' bytes in name order, or of the uint8 tensor), the
   reference (a :class:`Reference`'s key, else its content), the metric settings, the Inception
   weights and torch-fidelity's version. Scoring the same set again is a file read (FID of 300
-  images costs about a minute on 2 cores, 50,000 an hour); any change of an image or a setting
+  images costs about 30 s on 2 cores, of 50,000 over an hour); any change of an image or a setting
   misses the key and scores again. A :class:`Reference` is trusted by its key, as its cached
   features are. The file is rewritten atomically; one that does not parse is an error naming it.
 - Everything runs on CUDA when available, else on the CPU (about 0.1 s per image on 2 cores:
