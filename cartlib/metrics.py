@@ -25,7 +25,7 @@ Decisions:
   sigma_1 sigma_2 in float64, an eps * I offset when the product is singular); the features are
   torch-fidelity's port of the same TF Inception graph (pool3, TF1 bilinear resize to 299).
 - ``scores=<file.json>`` keeps each result in that file under a key of everything it depends on:
-  the samples' content (sha256 of the PNG files' bytes in name order, or of the uint8 tensor), the
+  the samples' content (sha256 of each PNG file's bytes, in name order, or of the uint8 tensor), the
   reference (a :class:`Reference`'s key, else its content), the metric settings, the Inception
   weights and torch-fidelity's version. Scoring the same set again is a file read (FID of 300
   images costs about 30 s on 2 cores, of 50,000 over an hour); any change of an image or a setting
@@ -55,7 +55,7 @@ from torch.utils.data import Dataset
 from cartlib.checks import check_images
 from cartlib.data import load_dataset
 from cartlib.inception import InceptionWeights, inception_weights, register_extractor
-from cartlib.io import atomic_write_bytes, cache_dir
+from cartlib.io import atomic_write_bytes, cache_dir, sha256_file
 
 
 def to_uint8(x: torch.Tensor, name: str = "images") -> torch.Tensor:
@@ -275,7 +275,7 @@ def _fingerprint(x, name: str) -> str:
     h = hashlib.sha256()
     if isinstance(x, (str, os.PathLike)):
         for path in sorted(Path(x).glob("*.png")):
-            h.update(path.name.encode() + b"\0" + path.read_bytes())
+            h.update(f"{path.name}\0{sha256_file(path)}\n".encode())
     else:
         images = to_uint8(x, name).cpu().contiguous()
         h.update(str(tuple(images.shape)).encode() + images.numpy().tobytes())
