@@ -30,7 +30,8 @@ Decisions:
   weights and torch-fidelity's version. Scoring the same set again is a file read (FID of 300
   images costs about 30 s on 2 cores, of 50,000 over an hour); any change of an image or a setting
   misses the key and scores again. A :class:`Reference` is trusted by its key, as its cached
-  features are. The file is rewritten atomically; one that does not parse is an error naming it.
+  features are. The file is rewritten atomically under its lock (``io.file_lock``); one that does
+  not parse is an error naming it.
 - Everything runs on CUDA when available, else on the CPU (about 0.1 s per image on 2 cores:
   every image is resized to 299x299 for the Inception network, whatever its size). Images are
   read in the calling process (no DataLoader workers, which would fork a notebook's process;
@@ -55,7 +56,7 @@ from torch.utils.data import Dataset
 from cartlib.checks import check_images
 from cartlib.data import load_dataset
 from cartlib.inception import InceptionWeights, inception_weights, register_extractor
-from cartlib.io import atomic_write_bytes, cache_dir, sha256_file
+from cartlib.io import atomic_write_bytes, cache_dir, file_lock, sha256_file
 
 
 def to_uint8(x: torch.Tensor, name: str = "images") -> torch.Tensor:
@@ -259,11 +260,12 @@ def compute_fid_kid(
     if want_isc:
         out["isc_mean"] = res[torch_fidelity.KEY_METRIC_ISC_MEAN]
         out["isc_std"] = res[torch_fidelity.KEY_METRIC_ISC_STD]
-    if scores is not None:
-        stored = _read_scores(scores)  # again: another call may have added a key meanwhile
-        stored[key] = {"score": out, "settings": settings}
-        Path(scores).parent.mkdir(parents=True, exist_ok=True)
-        atomic_write_bytes(scores, json.dumps(stored, indent=1, sort_keys=True).encode())
+    if scores is not None:  # read-modify-write under the file's lock, as save_results does
+        scores = Path(scores)
+        with file_lock(scores.with_name(f".{scores.name}.lock"), f"FID scores: {scores.name}"):
+            stored = _read_scores(scores)
+            stored[key] = {"score": out, "settings": settings}
+            atomic_write_bytes(scores, json.dumps(stored, indent=1, sort_keys=True).encode())
     return out
 
 
