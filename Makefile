@@ -11,7 +11,7 @@ STAMP := $(VENV)/.cartlib-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: run test install data lint format bench clean-runs
+.PHONY: run test test-avx2 install data lint format bench clean-runs
 
 run: install data  ## execute the notebook series at $(PRESET) into papermill_runs/$(PRESET)/
 	$(PY) -m cartlib run-series --preset $(PRESET)
@@ -20,6 +20,12 @@ test: install data  ## unit tests + every notebook at its committed defaults (nb
 	$(PY) -m pytest tests $(PYTEST_ARGS)
 	$(PY) -m pytest --nbval-lax --nbval-kernel-name $(KERNEL) --nbval-cell-timeout 900 \
 		-p no:cacheprovider notebooks $(PYTEST_ARGS)
+
+# The same suite as an AVX2-only CPU (most laptops) runs it, on a CPU with avx512_bf16: torch's
+# kernels and oneDNN's capped at AVX2, so bf16 is emulated and `mixed_precision: auto` is fp32.
+AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
+test-avx2: install data  ## make test as an AVX2-only CPU runs it
+	$(AVX2_ONLY) $(MAKE) test
 
 install: $(STAMP)
 

@@ -16,19 +16,30 @@ evaluated in fp32):
 Never fails on time. ``--quick`` runs the fp32/bf16 pair on the fp32 tokenizer's tokens only,
 ``--runs NAME ...`` the named transformer runs (and only the tokenizers they need).
 
-    .venv/bin/python benchmarks/bench_precision.py [--preset smoke] [--quick] [--runs fp32 ...]
+``--step-times`` prints instead the precision row of this device kind: the time of one training
+step of the preset's tokenizer and transformer in fp32 and in bf16 (the mean over steps 4-13,
+set-up excluded), the ratio, and what ``mixed_precision: auto`` chooses here
+(:mod:`cartlib.hardware`). ``--simulate-avx2`` adds the row of an AVX2-only CPU, measured in a
+subprocess with torch's and oneDNN's kernels capped at AVX2 (``ATEN_CPU_CAPABILITY=avx2``,
+``ONEDNN_MAX_CPU_ISA=AVX2``)::
+
+    .venv/bin/python benchmarks/bench_precision.py --step-times --simulate-avx2
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from contextlib import contextmanager
 
 import torch
 
-from cartlib import train
+from cartlib import hardware, train
 from cartlib.config import load_preset
 from cartlib.model import transformer
 from cartlib.tokenizer.tokenizer import reconstruction_report
@@ -104,6 +115,61 @@ def train_ar(preset, precision, patch, tok, tokens, labels, test_tokens, test_la
     }
 
 
+AVX2 = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
+FIRST, LAST = 3, 13  # step time = (time of LAST steps - time of FIRST steps) / (LAST - FIRST)
+
+
+def step_times(preset: str) -> dict:
+    """This device kind's precision row: seconds per training step, fp32 and bf16."""
+    cfg = load_preset(preset)
+    data = train.tokenizer_training_data(cfg, "train", progress=False)
+    tokenizer_cfg = load_preset(preset, mixed_precision="no", tokenizer={"steps": LAST})
+    with tempfile.TemporaryDirectory() as root:
+        tok, _ = train.train_tokenizer(tokenizer_cfg, root, progress=False, data=data)
+    tokens = train.extract_tokens(tok, data[0], data[1], progress=False)
+    classes = int(data[2].max()) + 1
+    facts = hardware.cpu_facts()
+    row = {
+        "device": hardware.device().type,
+        "torch kernels": facts["capability"],
+        "avx512_bf16/amx": f"{facts['avx512_bf16']}/{facts['amx']}",
+        "ONEDNN_MAX_CPU_ISA": facts["onednn_isa"] or "-",
+        "auto": hardware.auto_precision()[0],
+    }
+    for precision, name in (("no", "fp32"), ("bf16", "bf16")):
+        for stage in ("tokenizer", "transformer"):
+            spent = {}
+            for steps in (FIRST, LAST):
+                section = "tokenizer" if stage == "tokenizer" else "ar"
+                c = load_preset(preset, mixed_precision=precision, **{section: {"steps": steps}})
+                with tempfile.TemporaryDirectory() as root:
+                    t0 = time.perf_counter()
+                    if stage == "tokenizer":
+                        train.train_tokenizer(c, root, progress=False, data=data)
+                    else:
+                        train.train_ar(c, root, tok, tokens, data[2], classes, progress=False)
+                    spent[steps] = time.perf_counter() - t0
+            row[f"{stage} s/step {name}"] = (spent[LAST] - spent[FIRST]) / (LAST - FIRST)
+    for stage in ("tokenizer", "transformer"):
+        row[f"{stage} bf16/fp32"] = row[f"{stage} s/step bf16"] / row[f"{stage} s/step fp32"]
+    return row
+
+
+def step_time_rows(preset: str, simulate_avx2: bool) -> list[dict]:
+    rows = [step_times(preset)]
+    if simulate_avx2:
+        code = (
+            "import json, sys; sys.path.insert(0, 'benchmarks'); import bench_precision as b; "
+            f"print('ROW', json.dumps(b.step_times({preset!r})))"
+        )
+        out = subprocess.run(
+            [sys.executable, "-c", code], env={**os.environ, **AVX2}, capture_output=True,
+            text=True, check=True,
+        ).stdout  # fmt: skip
+        rows.append(json.loads(next(ln for ln in out.splitlines() if ln.startswith("ROW "))[4:]))
+    return rows
+
+
 def table(rows: list[dict]) -> None:
     keys = list(rows[0])
     print("| " + " | ".join(keys) + " |")
@@ -118,7 +184,12 @@ def main() -> None:
     ap.add_argument("--preset", default="smoke")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--runs", nargs="*", help="names of the transformer runs (default: all)")
+    ap.add_argument("--step-times", action="store_true", help="the precision row of this CPU")
+    ap.add_argument("--simulate-avx2", action="store_true", help="and of an AVX2-only CPU")
     args = ap.parse_args()
+    if args.step_times:
+        table(step_time_rows(args.preset, args.simulate_avx2))
+        return
     runs = {  # name: (tokens of the tokenizer trained in, AR precision, patch, AR overrides)
         "fp32": ("no", "no", "", {}),
         "bf16": ("no", "bf16", "", {}),

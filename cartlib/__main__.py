@@ -13,13 +13,14 @@ from __future__ import annotations
 import argparse
 import sys
 
-from cartlib import launch, runs, shipped, stages
+from cartlib import hardware, launch, runs, shipped, stages
 from cartlib.config import load_config, load_preset
 from cartlib.data import BadFileError, DatasetUnavailableError, check_dataset
 from cartlib.data.stream import source_for
 from cartlib.data.synthetic import make_image_folder
 from cartlib.series import run_series
 from cartlib.shards import ShardError
+from cartlib.train.probe import run_probe
 
 # errors whose message says what is wrong and what to do: printed without a traceback
 USER_ERRORS = (ValueError, FileNotFoundError, DatasetUnavailableError, BadFileError, ShardError)
@@ -63,6 +64,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--dataset", default=None, help="default: the preset's")
     p.add_argument("--run-dir", default=None, help="default: papermill_runs/<preset>")
+    p = sub.add_parser(
+        "probe-device", help="exit 0 when a device runs every op cartlib trains and samples with"
+    )
+    p.add_argument("device", help="cpu, cuda or mps")
     p = sub.add_parser("synthetic-data", help="write a synthetic image folder (tests, benchmarks)")
     p.add_argument("root")
     p.add_argument("--images", type=int, default=1000)
@@ -74,6 +79,8 @@ def _parser() -> argparse.ArgumentParser:
 
 def _stage(args) -> int:
     cfg = load_config(args.config)
+    if runs.process_state().is_main_process:
+        print(hardware.describe(cfg.mixed_precision), flush=True)
     if args.command == "train-tokenizer":
         source_for(cfg.data, "train")  # a missing or bad data root fails here, before any write
         runs.ensure_tokenizer(cfg, args.run_dir)
@@ -109,6 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         cfgs = {**cfg.tokenizer_variants(), "ar:CART": cfg, "ar:VAR": cfg.var_baseline()}
         run_dir = args.run_dir or f"papermill_runs/{args.preset}"
         shipped.ship(cfgs, runs.resolve_run_dir(run_dir), args.preset)
+        return 0
+    if args.command == "probe-device":
+        try:
+            run_probe(args.device)
+        except (NotImplementedError, RuntimeError, TypeError) as e:
+            print(f"{type(e).__name__}: {str(e).splitlines()[0][:200]}", flush=True)
+            return 1
+        print(f"{args.device}: every operation cartlib uses runs", flush=True)
         return 0
     if args.command == "synthetic-data":
         make_image_folder(args.root, args.images, args.val_images, args.classes, seed=args.seed)

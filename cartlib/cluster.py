@@ -63,7 +63,9 @@ def launch_args(
         ip = main_process_ip or cluster.main_process_ip or "<address of machine 0>"
         args += ["--num_machines", str(cluster.num_machines), "--machine_rank", str(rank)]
         args += ["--main_process_ip", ip, "--main_process_port", str(cluster.main_process_port)]
-    args += ["--mixed_precision", mixed_precision, "-m", "cartlib", stage]
+    if mixed_precision != "auto":  # auto: each process resolves it for its own device
+        args += ["--mixed_precision", mixed_precision]
+    args += ["-m", "cartlib", stage]
     return [*args, "--config", str(config_path), "--run-dir", str(run_dir)]
 
 

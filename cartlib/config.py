@@ -16,7 +16,8 @@ Notebook parameters are in :mod:`cartlib.params`.
 
 Trained artifacts are keyed by :meth:`RunConfig.artifact_key`: a hash of every setting their
 result depends on, precision and process count included, so a changed setting never reuses (or
-overwrites) a model trained under another.
+overwrites) a model trained under another. ``mixed_precision: auto`` (the small presets) is
+resolved for the machine's device by :mod:`cartlib.hardware`.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from typing import Any
 
 import yaml
 
+from cartlib import hardware
 from cartlib.io import atomic_write_bytes
 from cartlib.ranges import range_problem
 from cartlib.schedule import TokenSchedule
@@ -207,7 +209,8 @@ class RunConfig:
     decompose: DecomposeConfig = field(default_factory=DecomposeConfig)
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     ar: ARConfig = field(default_factory=ARConfig)
-    mixed_precision: str = "no"  # no | bf16 | fp16  (bf16 pays on CPUs with avx512_bf16 too)
+    # auto | no | bf16 | fp16: auto is what the device runs natively (cartlib.hardware)
+    mixed_precision: str = "auto"
     num_processes: int = 1
     gpu_mem_gib: float = 80.0  # memory of one GPU, for the layout a full-scale run is planned to
     sample: SampleConfig = field(default_factory=SampleConfig)
@@ -217,6 +220,18 @@ class RunConfig:
         check_quantizer_order(self.tokenizer, self.decompose)
 
     # ------------------------------------------------------------------ derived values
+    @property
+    def precision(self) -> str:
+        """The concrete precision this run trains in: ``mixed_precision``, with ``auto``
+        resolved for this machine's device (:func:`cartlib.hardware.resolve_precision`)."""
+        return hardware.precision(self.mixed_precision)
+
+    def resolved(self) -> RunConfig:
+        """This config with ``mixed_precision`` concrete (what a stage folder records)."""
+        if self.mixed_precision == "auto":
+            return dataclasses.replace(self, mixed_precision=self.precision)
+        return self
+
     @property
     def order(self) -> int:
         """The decomposition order n the tokenizer uses (0 = VAR's multi-scale, no details)."""
@@ -286,6 +301,7 @@ class RunConfig:
     def digest(self, sections: tuple[str, ...]) -> str:
         """A short stable hash of the named sections or top-level settings."""
         d = self.to_dict()
+        d["mixed_precision"] = self.precision  # auto keys as what it resolves to here
         for section, names in NOT_IN_KEYS_OF.items():
             for name in names:
                 d[section].pop(name)
@@ -295,7 +311,9 @@ class RunConfig:
     def artifact_key(self, stage: str) -> str:
         """The hash that names a trained ``stage`` ("tokenizer" or "ar"): its sections (the
         transformer's include the tokenizer's) and every top-level setting but the name, as
-        ``mixed_precision`` and ``num_processes`` change the trained weights too."""
+        the precision (``auto`` counted as what it resolves to) and ``num_processes`` change the
+        trained weights too. A finished model is opened at any precision
+        (:mod:`cartlib.runs`); training anew keys by it."""
         stages = {"tokenizer": self.tokenizer_sections(), "ar": (*self.tokenizer_sections(), "ar")}
         if stage not in stages:
             raise _unknown("stage", stage, stages)

@@ -42,6 +42,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from cartlib import hardware  # ground floor too: the device this process uses
+
 STALE_FOREIGN_S = 3600  # another host's temp file older than this, found under a lock, is garbage
 _TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]*)-(?P<pid>\d+)\.[^.]+\.tmp$")
 _HELD: dict[str, list] = {}  # lock path -> [fd, depth] of the locks this process holds
@@ -369,4 +371,4 @@ def process_state():
     writing the same sample files)."""
     from accelerate import PartialState  # the one accelerate import of the ground floor
 
-    return PartialState(cpu=not torch.cuda.is_available())
+    return PartialState(cpu=hardware.device().type == "cpu")

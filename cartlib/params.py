@@ -18,6 +18,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
+from cartlib import hardware
 from cartlib.config import (
     SECTIONS,
     ConfigError,
@@ -293,7 +294,9 @@ NOTEBOOKS: dict[str, tuple[type, dict[str, str]]] = {
 def notebook_config(notebook: str, namespace: dict[str, Any]) -> tuple[Any, RunConfig]:
     """Validate the parameters a notebook's kernel holds and build its RunConfig.
 
-    Call it in the cell right after the ``parameters`` cell::
+    The config comes with its precision resolved for this machine (``auto``:
+    :mod:`cartlib.hardware`), and the line saying which device and precision training here uses
+    is printed. Call it in the cell right after the ``parameters`` cell::
 
         params, cfg = notebook_config("01_mumford_shah_decomposition", globals())
     """
@@ -301,4 +304,6 @@ def notebook_config(notebook: str, namespace: dict[str, Any]) -> tuple[Any, RunC
         raise _unknown("notebook", notebook, NOTEBOOKS)
     schema, mapping = NOTEBOOKS[notebook]
     params = validate_params(schema, namespace)
-    return params, run_config_from_params(params, mapping)
+    cfg = run_config_from_params(params, mapping)
+    print(hardware.describe(cfg.mixed_precision))
+    return params, cfg.resolved()

@@ -100,7 +100,7 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "ar": {"lr_schedule": ("cosine", "lin0")},
     "sample": {"cfg_schedule": ("linear", "constant")},
-    "": {"mixed_precision": ("no", "bf16", "fp16")},
+    "": {"mixed_precision": ("auto", "no", "bf16", "fp16")},
 }
 SECTION_OF = {"DataConfig": "data", "DecomposeConfig": "decompose", "TokenizerConfig": "tokenizer",
               "ARConfig": "ar", "SampleConfig": "sample", "RunConfig": ""}  # fmt: skip

@@ -10,6 +10,11 @@ A run directory holds ``config.yaml``, checkpoints (written atomically: temp fil
 ``results.json`` and figures; the ground-floor helpers for them live in :mod:`cartlib.io` and are
 re-exported here (``runs.save_results``, ``runs.resolve_run_dir``, ``runs.seed_everything``), the
 names the notebooks use.
+
+A finished model opens whatever precision it was trained in: when the run directory (or
+:mod:`cartlib.shipped`) has none at the precision this machine trains in (``mixed_precision:
+auto`` resolves per machine, :mod:`cartlib.hardware`), a finished one with the same settings at
+another precision is used (:func:`settle`). Training anew always keys by this machine's precision.
 """
 
 from __future__ import annotations
@@ -32,13 +37,10 @@ from cartlib.io import (  # noqa: F401  (re-exported for notebooks)
     seed_everything,
 )
 from cartlib.shards import TokenShards, shard_folder, tokenizer_hash
+from cartlib.stages import finished as _finished
+from cartlib.stages import settle
 from cartlib.train.ar import trained_on
 from cartlib.train.checkpoints import clear_folder, clear_if_installed, installed_from
-
-
-def _finished(folder: Path, steps: int) -> bool:
-    found = train.load_latest(folder)
-    return found is not None and found[0]["step"] >= steps
 
 
 def stage_lock(folder_of):
@@ -69,11 +71,15 @@ def _use_shipped(stage: str, cfg, run_dir, folder: Path, shipped: bool | None, t
         shipped_stages.install(stage, cfg, run_dir, tokenizer)
 
 
-@stage_lock(train.tokenizer_dir)
 def ensure_tokenizer(cfg, run_dir, progress: bool = True, shipped: bool | None = None):
     """The trained tokenizer of ``cfg`` in ``run_dir``: loaded when a finished one with the same
-    data/decomposition/tokenizer settings is there, else trained (resuming a partial run).
-    ``shipped``: see :func:`_use_shipped`."""
+    data/decomposition/tokenizer settings is there (at any precision, :func:`settle`), else
+    trained (resuming a partial run). ``shipped``: see :func:`_use_shipped`."""
+    return _ensure_tokenizer(settle("tokenizer", cfg, run_dir, shipped), run_dir, progress, shipped)
+
+
+@stage_lock(train.tokenizer_dir)
+def _ensure_tokenizer(cfg, run_dir, progress: bool = True, shipped: bool | None = None):
     folder = train.tokenizer_dir(resolve_run_dir(run_dir), cfg)
     _use_shipped("tokenizer", cfg, run_dir, folder, shipped)
     if _finished(folder, cfg.tokenizer.steps):
@@ -83,12 +89,16 @@ def ensure_tokenizer(cfg, run_dir, progress: bool = True, shipped: bool | None =
     return tok
 
 
-@stage_lock(train.tokenizer_dir)
 def ensure_tokens(cfg, run_dir, tokenizer, split: str = "train", progress: bool = True):
     """The token shards of a data split (:mod:`cartlib.shards`), extracted with ``tokenizer``
-    next to it when they are not there (resuming unfinished shards; under a launcher every
-    process encodes its share), checked and memory-mapped.
-    -> (TokenShards, labels (N,), num_classes)"""
+    (the one :func:`ensure_tokenizer` gave for ``cfg``) next to it when they are not there
+    (resuming unfinished shards; under a launcher every process encodes its share), checked
+    and memory-mapped. -> (TokenShards, labels (N,), num_classes)"""
+    return _ensure_tokens(settle("tokenizer", cfg, run_dir), run_dir, tokenizer, split, progress)
+
+
+@stage_lock(train.tokenizer_dir)
+def _ensure_tokens(cfg, run_dir, tokenizer, split: str = "train", progress: bool = True):
     run_dir = resolve_run_dir(run_dir)
     folder = shard_folder(train.tokenizer_dir(run_dir, cfg), split)
     if (folder / "manifest.json").exists():
@@ -100,21 +110,27 @@ def ensure_tokens(cfg, run_dir, tokenizer, split: str = "train", progress: bool 
     return shards, shards.labels, shards.num_classes
 
 
-@stage_lock(train.ar_dir)
 def ensure_ar(cfg, run_dir, progress: bool = True, shipped: bool | None = None):
-    """(tokenizer, transformer) of ``cfg``: each loaded if finished, else trained. ``shipped``
-    True: a stage the run directory lacks comes from :mod:`cartlib.shipped` when cartlib ships
-    it (the transformer only on top of its own tokenizer); False: installed ones are replaced
-    by training (see :func:`_use_shipped`)."""
+    """(tokenizer, transformer) of ``cfg``: each loaded if finished (at any precision,
+    :func:`settle`), else trained. ``shipped`` True: a stage the run directory lacks comes from
+    :mod:`cartlib.shipped` when cartlib ships it (the transformer only on top of its own
+    tokenizer); False: installed ones are replaced by training (see :func:`_use_shipped`)."""
+    tok_cfg = settle("tokenizer", cfg, run_dir, shipped)
+    tok = _ensure_tokenizer(tok_cfg, run_dir, progress, shipped)
+    ar_cfg = settle("ar", cfg, run_dir, shipped, tok)
+    return _ensure_ar(ar_cfg, run_dir, progress, shipped, tok_cfg, tok)
+
+
+@stage_lock(train.ar_dir)
+def _ensure_ar(cfg, run_dir, progress, shipped, tok_cfg, tok):
     folder = train.ar_dir(resolve_run_dir(run_dir), cfg)
-    tok = ensure_tokenizer(cfg, run_dir, progress, shipped)
     _use_shipped("ar", cfg, run_dir, folder, shipped, tok)
     if installed_from(folder) is not None and trained_on(folder) != tokenizer_hash(tok):
         # installed on a shipped tokenizer that was replaced since: trained anew below
         clear_folder(folder, "its tokenizer is no longer the shipped one it was trained with")
     if _finished(folder, cfg.ar.steps):
         return tok, train.load_ar(folder, tok)
-    tokens, labels, num_classes = ensure_tokens(cfg, run_dir, tok, "train", progress)
+    tokens, labels, num_classes = _ensure_tokens(tok_cfg, run_dir, tok, "train", progress)
     print(f"training the transformer into {folder} ({cfg.ar.steps} steps)")
     model, _ = train.train_ar(
         cfg, resolve_run_dir(run_dir), tok, tokens, labels, num_classes, progress=progress

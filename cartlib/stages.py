@@ -28,12 +28,14 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cartlib import shipped as shipped_stages
 from cartlib import train
 from cartlib.cluster import stage_command
 from cartlib.config import ConfigError
 from cartlib.data.augment import hash_seed, view
 from cartlib.data.stream import Bases, ItemSource, batches, source_for
-from cartlib.io import atomic_write_bytes, process_state
+from cartlib.hardware import PRECISIONS
+from cartlib.io import atomic_write_bytes, process_state, resolve_run_dir
 from cartlib.sample import generate
 from cartlib.shards import (
     TOKEN_DTYPE,
@@ -46,12 +48,71 @@ from cartlib.shards import (
     tokenizer_hash,
     write_manifest,
 )
+from cartlib.train.ar import trained_on
 
 
-# ---------------------------------------------------------------------------- token extraction
+# ----------------------------------------------------------------------------- finished stages
+def finished(folder: Path, steps: int) -> bool:
+    """Whether ``folder`` holds a checkpoint of at least ``steps`` steps."""
+    found = train.load_latest(folder)
+    return found is not None and found[0]["step"] >= steps
+
+
+def _folder(stage: str, run_dir, cfg) -> Path:
+    return (train.tokenizer_dir if stage == "tokenizer" else train.ar_dir)(run_dir, cfg)
+
+
+def _steps(stage: str, cfg) -> int:
+    return cfg.tokenizer.steps if stage == "tokenizer" else cfg.ar.steps
+
+
+def _on(folder: Path, tokenizer) -> bool:
+    """Whether the transformer in ``folder`` was trained on ``tokenizer``'s tokens (None: any)."""
+    return tokenizer is None or trained_on(folder) == tokenizer_hash(tokenizer)
+
+
+def settle(stage: str, cfg, run_dir, shipped: bool | None = None, tokenizer=None):
+    """The config whose ``stage`` folder a call uses: ``cfg`` at the precision this machine
+    trains in (:meth:`RunConfig.resolved`) when the run directory holds that stage (finished or
+    partial) or cartlib ships it; else, unless ``shipped`` is False (train anew), the same
+    settings at another precision when a finished one is in the run directory, or (``shipped``
+    True) in :mod:`cartlib.shipped`; else ``cfg`` resolved, to be trained. A transformer counts
+    only on ``tokenizer`` (None: on any)."""
+    cfg, run_dir = cfg.resolved(), resolve_run_dir(run_dir)
+
+    def ships(c) -> bool:
+        src = shipped_stages.find(stage, c)
+        return src is not None and (
+            stage == "tokenizer"
+            or tokenizer is None
+            or shipped_stages.tokenizer_of(src) == tokenizer_hash(tokenizer)
+        )
+
+    def done(c) -> bool:
+        folder = _folder(stage, run_dir, c)
+        return finished(folder, _steps(stage, c)) and (
+            stage == "tokenizer" or _on(folder, tokenizer)
+        )
+
+    if train.load_latest(_folder(stage, run_dir, cfg)) is not None or (shipped and ships(cfg)):
+        return cfg
+    if shipped is False:
+        return cfg
+    others = [cfg.updated(mixed_precision=p) for p in PRECISIONS if p != cfg.mixed_precision]
+    for c in others:
+        if done(c):
+            return c
+    for c in others if shipped else ():
+        if ships(c):
+            return c
+    return cfg
+
+
 def trained(stage: str, cfg, run_dir, tokenizer=None):
     """The finished tokenizer (``stage="tokenizer"``) or transformer (``"ar"``, on ``tokenizer``)
-    of ``cfg`` in ``run_dir``; an unfinished or missing one is an error giving the command."""
+    of ``cfg`` in ``run_dir`` (at any precision, :func:`settle`); an unfinished or missing one
+    is an error giving the command."""
+    cfg = settle(stage, cfg, run_dir, None, tokenizer)
     folder = (train.tokenizer_dir if stage == "tokenizer" else train.ar_dir)(run_dir, cfg)
     steps = cfg.tokenizer.steps if stage == "tokenizer" else cfg.ar.steps
     ckpt = folder / train.CKPT_NAME
@@ -67,6 +128,7 @@ def trained(stage: str, cfg, run_dir, tokenizer=None):
     return train.load_ar(folder, tokenizer)
 
 
+# ---------------------------------------------------------------------------- token extraction
 def extract_command(cfg, run_dir, split: str = "train") -> str:
     """The command that (re)builds the token shards of ``split`` (it resumes shard by shard)."""
     tok_dir = train.tokenizer_dir(run_dir, cfg)
@@ -174,7 +236,7 @@ def _encode(cfg, tokenizer, source, folder, todo, meta, device, progress) -> Non
 def sample_folder(cfg, run_dir, settings: dict) -> Path:
     """``<ar dir>/samples-<hash of the sampling settings>``."""
     key = hashlib.sha1(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:8]
-    return train.ar_dir(run_dir, cfg) / f"samples-{key}"
+    return train.ar_dir(run_dir, settle("ar", cfg, run_dir)) / f"samples-{key}"
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:

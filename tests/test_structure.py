@@ -7,7 +7,7 @@ import ast
 from pathlib import Path
 
 PKG = Path(__file__).resolve().parents[1] / "cartlib"
-GROUND = ("cartlib.io", "cartlib.checks")
+GROUND = ("cartlib.io", "cartlib.checks", "cartlib.hardware")
 
 
 def _module_name(path: Path) -> str:
@@ -75,10 +75,10 @@ def test_package_imports_have_no_cycle():
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_ground_floor_imports_nothing_of_cartlib():
+def test_ground_floor_imports_nothing_of_cartlib_above_it():
     graph = import_graph()
     for mod in GROUND:
-        assert graph[mod] == set(), (mod, graph[mod])
+        assert graph[mod] <= set(GROUND), (mod, graph[mod] - set(GROUND))
 
 
 def test_cartlib_is_never_imported_inside_a_function():

@@ -75,6 +75,11 @@ def find(stage: str, cfg) -> Path | None:
     return None
 
 
+def tokenizer_of(src: Path) -> str:
+    """The hash of the tokenizer the shipped transformer in ``src`` was trained on."""
+    return json.loads((src / METRICS).read_text())["tokenizer_hash"]
+
+
 def available() -> list[Path]:
     """Every shipped stage folder."""
     return sorted(p.parent for p in ROOT.glob(f"*/*/{METRICS}"))

@@ -170,12 +170,12 @@ def train_ar(
     if main:
         clear_if_installed(out_dir)
     check_tokenizer(out_dir, tokenizer)  # resuming on another tokenizer's tokens: refused
-    save_config(cfg, out_dir / "config.yaml")
+    save_config(cfg.resolved(), out_dir / "config.yaml")  # the precision it trains in
     (out_dir / "num_classes.txt").write_text(str(num_classes))
     if main:  # atomic: the other processes may be reading it in check_tokenizer
         atomic_write_bytes(out_dir / TOKENIZER_HASH, tokenizer_hash(tokenizer).encode())
     torch.manual_seed(a.seed)
-    acc = make_accelerator(cfg.mixed_precision, fsdp=fsdp_plugin(a.grad_ckpt) if a.fsdp else None)
+    acc = make_accelerator(cfg.precision, fsdp=fsdp_plugin(a.grad_ckpt) if a.fsdp else None)
     tokenizer = tokenizer.to(acc.device).eval().requires_grad_(False)
     sched = tokenizer.schedule
     model = build_model(cfg, sched, num_classes)
@@ -183,7 +183,7 @@ def train_ar(
     if a.grad_ckpt and not acc.is_fsdp2:  # else accelerate's plugin wraps the same blocks
         checkpoint_blocks(model)
     if torch_fsdp:
-        shard_per_block(model, cfg.mixed_precision)  # before the optimizer: parameters change
+        shard_per_block(model, cfg.precision)  # before the optimizer: parameters change
     lr = a.lr * a.batch_size / 256
     opt = build_optimizer(model, lr, a.weight_decay)
     lrs = torch.optim.lr_scheduler.LambdaLR(

@@ -36,6 +36,7 @@ from accelerate.state import AcceleratorState, GradientState
 from torch import nn
 from tqdm.auto import tqdm
 
+from cartlib import hardware
 from cartlib.config import load_config
 from cartlib.io import atomic_write_bytes, dir_lock, load_checkpoint  # noqa: F401 (re-exported)
 from cartlib.train.checkpoints import CKPT_NAME, KEEP, load_latest, save_checkpoint
@@ -44,15 +45,16 @@ from cartlib.train.sharded import is_sharded, load_shards, save_shards, whole_st
 
 # ------------------------------------------------------------------------------------- accelerate
 def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, fsdp=None):
-    """An ``accelerate.Accelerator``; in-process (no launcher) its global state is reset first so
-    a notebook can train several models with different precision settings. ``fsdp``: accelerate's
+    """An ``accelerate.Accelerator`` on :func:`cartlib.hardware.device` (``cpu`` overrides) in
+    ``mixed_precision`` (``auto``: :func:`cartlib.hardware.resolve_precision`); in-process (no
+    launcher) its global state is reset first so a notebook can train several models with
+    different precision settings. ``fsdp``: accelerate's
     FSDP plugin (:func:`cartlib.train.parallel.fsdp_plugin`); accelerate shards on GPUs only,
     so on CPUs the plugin is not passed and the caller shards with torch's FSDP2 over gloo
     (:func:`cartlib.train.parallel.shard_per_block`), which needs several launched processes."""
-    if mixed_precision not in ("no", "bf16", "fp16"):
-        raise ValueError(f"mixed_precision={mixed_precision!r}: choose 'no', 'bf16' or 'fp16'")
+    mixed_precision = hardware.precision(mixed_precision)  # auto -> what the device runs natively
     if cpu is None:
-        cpu = not torch.cuda.is_available()
+        cpu = hardware.device().type == "cpu"
     if "LOCAL_RANK" not in os.environ and "ACCELERATE_MIXED_PRECISION" not in os.environ:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()

@@ -14,6 +14,7 @@ from pathlib import Path
 import torch
 from accelerate.utils import broadcast
 
+from cartlib import hardware
 from cartlib.config import save_config
 from cartlib.data.augment import centre
 from cartlib.data.stream import Bases, StepSampler, StepStream, batches, source_for, stored_order
@@ -36,7 +37,8 @@ READ_BATCH = 256  # images per read when a split is loaded into memory
 
 # ------------------------------------------------------------------------------------ tokenizer
 def default_device() -> torch.device:
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    """The device cartlib trains on here (:func:`cartlib.hardware.device`)."""
+    return hardware.device()
 
 
 def tokenizer_training_data(cfg, split: str = "train", progress: bool = True, device=None):
@@ -91,9 +93,9 @@ def train_tokenizer(
     out_dir.mkdir(parents=True, exist_ok=True)
     if process_state().is_main_process:
         clear_if_installed(out_dir)
-    save_config(cfg, out_dir / "config.yaml")
+    save_config(cfg.resolved(), out_dir / "config.yaml")  # the precision it trains in
     torch.manual_seed(t.seed)
-    acc = make_accelerator(cfg.mixed_precision)
+    acc = make_accelerator(cfg.precision)
     n_items = len(data[0]) if data is not None else len(source)
     sampler = StepSampler(n_items, t.batch_size, t.seed, acc.process_index, acc.num_processes,
                           d.random_crop, d.hflip)  # fmt: skip
