@@ -47,7 +47,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # ---------------------------------------------------------------- 1. artifact keys: every setting
 def test_saved_models_are_keyed_by_precision_and_process_count(tmp_path):
-    cfg = load_preset("smoke")  # bf16
+    cfg = load_preset("smoke", mixed_precision="bf16")
     for other in (cfg.updated(mixed_precision="no"), cfg.updated(num_processes=2)):
         assert train.tokenizer_dir(tmp_path, other) != train.tokenizer_dir(tmp_path, cfg)
         assert train.ar_dir(tmp_path, other) != train.ar_dir(tmp_path, cfg)
@@ -73,7 +73,8 @@ def _another_value(cfg: RunConfig, section: str, name: str) -> RunConfig:
     elif isinstance(value, tuple):
         new = [*value, value[-1]]
     else:
-        new = {"dataset": "cifar10", "bad_files": "skip", "mixed_precision": "no"}[name]
+        other_precision = "bf16" if cfg.precision == "no" else "no"  # auto keys as it resolves
+        new = {"dataset": "cifar10", "bad_files": "skip", "mixed_precision": other_precision}[name]
     return cfg.updated(**({section: {name: new}} if section else {name: new}))
 
 
