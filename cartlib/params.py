@@ -4,6 +4,9 @@ Notebooks take their parameters as plain assignments in the cell tagged ``parame
 cell calls :func:`notebook_config`, which collects those names from the kernel namespace, checks
 them against the notebook's schema (papermill itself only warns about unknown names) and builds
 the run's :class:`~cartlib.config.RunConfig`: the preset, then every parameter that was given.
+The variables the notebook's own code cells define (``params``, ``cfg``, ``labels``, ...) are
+told apart by IPython's input history, so a notebook can be run, edited and re-run from its
+parameters cell in a live kernel as often as one likes; a misspelt parameter is still refused.
 
 A new parameter touches two places: its schema here and the notebook's parameters cell. It maps to
 the config setting of the same name (``dataset`` -> ``data.dataset``, ``depth`` -> ``ar.depth``)
@@ -12,6 +15,7 @@ unless :data:`ALIASES` says otherwise.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import types
 import typing
@@ -51,17 +55,58 @@ def _namespace_params(namespace: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
+def _is_parameters_cell(tree: ast.Module) -> bool:
+    """Whether a cell is plain ``name = literal`` assignments only (a parameters cell, or the one
+    papermill injects)."""
+    for stmt in tree.body:
+        value = stmt.value if isinstance(stmt, (ast.Assign, ast.AnnAssign)) else None
+        if value is None:
+            return False
+        try:
+            ast.literal_eval(value)
+        except ValueError:
+            return False
+    return True
+
+
+def code_cell_names(history: list[str]) -> set[str]:
+    """The names the executed code cells in ``history`` (IPython's ``In``) define — every cell
+    but parameters cells: assignment and loop targets, imports, functions and classes."""
+    own: set[str] = set()
+    for source in history:
+        try:
+            tree = ast.parse(source)
+        except SyntaxError:  # a cell IPython could not run either
+            continue
+        if _is_parameters_cell(tree):
+            continue
+        for node in ast.walk(tree):
+            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+                own.add(node.id)
+            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                own.add(node.name)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                own.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return own
+
+
 def validate_params(schema: type, namespace: dict[str, Any]) -> Any:
     """Check a notebook's parameters against ``schema`` (a dataclass) and return an instance.
 
     Unknown names (a typo, or a parameter of another notebook) and wrong types raise a
-    :class:`ConfigError` naming the value and the fix; papermill alone would only warn.
+    :class:`ConfigError` naming the value and the fix; papermill alone would only warn. Names
+    that the notebook's own code cells define (found in the kernel's input history ``In``) are
+    not parameters and are passed over, so re-running the notebook works.
     """
     given = _namespace_params(namespace)
     hints = typing.get_type_hints(schema)
     names = {f.name for f in dataclasses.fields(schema)}
+    history = namespace.get("In")
+    own = code_cell_names(history) if isinstance(history, list) else set()
     values = {}
     for key, value in given.items():
+        if key not in names and key in own:
+            continue
         if key not in names:
             raise _unknown(f"parameter of this notebook ({schema.__name__})", key, names)
         values[key] = _check_value(key, value, hints[key])

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from cartlib.params import NOTEBOOKS
+from cartlib.config import ConfigError
+from cartlib.params import NOTEBOOKS, code_cell_names, notebook_config
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -59,6 +60,29 @@ def test_papermill_sees_every_parameter(path):
 
     schema, _ = NOTEBOOKS[path.stem]
     assert set(pm.inspect_notebook(str(path))) == {f.name for f in dataclasses.fields(schema)}
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_a_notebook_that_ran_takes_a_changed_parameter_on_a_rerun(path):
+    """After a whole run the kernel also holds the notebook's own variables (params, cfg, ...);
+    re-running from the parameters cell with a parameter changed must take the change, and a
+    misspelt parameter must still be refused. The kernel's state is rebuilt from the cells:
+    IPython's input history ``In`` and every name the code cells define."""
+    code = ["".join(c["source"]) for c in cells(path) if c["cell_type"] == "code"]
+    defaults = {}
+    for node in ast.parse(code[0]).body:
+        defaults[node.targets[0].id] = ast.literal_eval(node.value)
+    schema, _ = NOTEBOOKS[path.stem]
+    own = code_cell_names(code) - set(defaults)
+    assert {"params", "cfg"} <= own
+    after_a_run = {**{name: 1 for name in own}, **defaults}  # plain values, as a parameter's are
+    edited = code[0] + "\nprogress = False\n"
+    rerun = {**after_a_run, "progress": False, "In": ["", *code, edited, code[1]]}
+    params, _ = notebook_config(path.stem, rerun)
+    assert params.progress is False
+    typo = {**after_a_run, "progres": False, "In": ["", *code, code[0] + "progres = False\n"]}
+    with pytest.raises(ConfigError, match="unknown parameter .*'progres'.*progress"):
+        notebook_config(path.stem, typo)
 
 
 LESSONS = [p for p in PATHS if p.stem[:2] in {"03", "04", "05", "06", "07"}]

@@ -4,7 +4,10 @@
 preset, under the name its run-directory folder has (``tokenizer-…-<key>``, ``ar-…-<key>``):
 
 * ``config.yaml`` — the run's config. A shipped stage is used only for a config with the same
-  :meth:`RunConfig.artifact_key` (every setting the weights depend on), never otherwise;
+  :meth:`RunConfig.artifact_key` (every setting the weights depend on), never otherwise — but
+  for the precision: where a config at this machine's precision has none, the same settings at
+  another precision are looked up (:func:`cartlib.stages.settle`), so the bf16-trained
+  checkpoints open on machines that train in fp32;
 * ``weights.pt`` — the module's state dict with float tensors in float16 (half the bytes);
   installed, they are float32 again. Every metric below is that of these rounded weights;
 * ``num_classes.txt`` (transformers), ``history.json.gz`` (the training curves);
