@@ -403,6 +403,11 @@ def _check_value(where: str, value: Any, tp: Any) -> Any:
             raise ConfigError(f"{where}={value!r} must be True or False")
         return value
     if tp is str:
+        if isinstance(value, bool):  # YAML reads an unquoted no/yes/off/on as a boolean
+            raise ConfigError(
+                f"{where}={value!r} must be a string (got bool): YAML reads an unquoted no, yes, "
+                f'off or on as {value}; quote it, e.g. {where.rsplit(".", 1)[-1]}: "no"'
+            )
         if not isinstance(value, str):
             raise ConfigError(f"{where}={value!r} must be a string (got {type(value).__name__})")
         return value

@@ -253,3 +253,11 @@ def test_the_avx2_simulation_of_make_test_avx2_takes_effect():
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["AVX2", "no"]
+
+
+def test_an_unquoted_yaml_no_is_refused_with_the_fix(tmp_path):
+    from cartlib.config import load_config
+
+    (tmp_path / "c.yaml").write_text("mixed_precision: no\n")  # YAML 1.1: the boolean false
+    with pytest.raises(ConfigError, match=r"unquoted no.*quote it, e.g. mixed_precision: \"no\""):
+        load_config(tmp_path / "c.yaml")
