@@ -118,3 +118,42 @@ def test_notebook_ends_with_checks_on_what_it_measured(path):
     last = [c for c in cells(path) if c["cell_type"] == "code"][-1]
     source = "".join(last["source"])
     assert "assert " in source, f"{path.name}: the last cell must check the saved numbers"
+
+
+def test_live_kernel_runs_notebook_05_changes_a_parameter_and_reruns(tmp_path):
+    """As a reader does in JupyterLab: run all, add `seed = 1` to the parameters cell, run again
+    from there (the kernel keeps every variable of the first run), then try a misspelt name."""
+    from jupyter_client.manager import start_new_kernel
+
+    code = ["".join(c["source"]) for c in cells(ROOT / "notebooks" / "05_sampling.ipynb")
+            if c["cell_type"] == "code"]  # fmt: skip
+    km, kc = start_new_kernel(kernel_name="cartlib", cwd=str(ROOT))
+
+    def run(source: str) -> dict:
+        return kc.execute_interactive(source, timeout=600, output_hook=lambda m: None)["content"]
+
+    def value(expr: str) -> str:
+        out = []
+        kc.execute_interactive(
+            f"print(repr({expr}))",
+            timeout=60,
+            output_hook=lambda m: out.append(m["content"].get("text", "")),
+        )
+        return "".join(out).strip()
+
+    try:
+        here = f"\nprogress = False\nrun_dir = {str(tmp_path)!r}\n"
+        for source in [code[0] + here, *code[1:]]:
+            assert run(source)["status"] == "ok"
+        assert value("params.seed") == "42"
+        for source in [code[0] + here + "seed = 1\n", *code[1:]]:
+            assert run(source)["status"] == "ok", source[:80]
+        assert value("params.seed") == "1"
+        saved = json.loads((tmp_path / "results.json").read_text())["05_sampling"]
+        assert saved["seed"] == 1
+        run(code[0] + here + "sede = 1\n")
+        refused = run(code[1])
+        assert refused["status"] == "error" and refused["ename"] == "ConfigError"
+        assert "'sede'" in refused["evalue"] and "seed" in refused["evalue"]
+    finally:
+        km.shutdown_kernel(now=True)
