@@ -49,6 +49,7 @@ from cartlib.shards import (
     write_manifest,
 )
 from cartlib.train.ar import trained_on
+from cartlib.train.checkpoints import read_manifest
 
 
 # ----------------------------------------------------------------------------- finished stages
@@ -56,6 +57,11 @@ def finished(folder: Path, steps: int) -> bool:
     """Whether ``folder`` holds a checkpoint of at least ``steps`` steps."""
     found = train.load_latest(folder)
     return found is not None and found[0]["step"] >= steps
+
+
+def _has_checkpoint(folder: Path) -> bool:
+    """Whether ``folder`` holds any checkpoint (finished or partial), without loading one."""
+    return bool(read_manifest(folder)) or (folder / train.CKPT_NAME).exists()
 
 
 def _folder(stage: str, run_dir, cfg) -> Path:
@@ -94,7 +100,7 @@ def settle(stage: str, cfg, run_dir, shipped: bool | None = None, tokenizer=None
             stage == "tokenizer" or _on(folder, tokenizer)
         )
 
-    if train.load_latest(_folder(stage, run_dir, cfg)) is not None or (shipped and ships(cfg)):
+    if _has_checkpoint(_folder(stage, run_dir, cfg)) or (shipped and ships(cfg)):
         return cfg
     if shipped is False:
         return cfg
