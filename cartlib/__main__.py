@@ -18,12 +18,16 @@ from cartlib.config import load_config, load_preset
 from cartlib.data import BadFileError, DatasetUnavailableError, check_dataset
 from cartlib.data.stream import source_for
 from cartlib.data.synthetic import make_image_folder
+from cartlib.io import DiskFullError, LockTimeout
 from cartlib.series import run_series
 from cartlib.shards import ShardError
 from cartlib.train.probe import run_probe
 
 # errors whose message says what is wrong and what to do: printed without a traceback
-USER_ERRORS = (ValueError, FileNotFoundError, DatasetUnavailableError, BadFileError, ShardError)
+USER_ERRORS = (
+    ValueError, FileNotFoundError, DatasetUnavailableError, BadFileError, ShardError,
+    DiskFullError, LockTimeout, FloatingPointError,
+)  # fmt: skip
 EXIT_NOT_TRAINED = 3  # train-ar could not train here (the plan explains why)
 
 

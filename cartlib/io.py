@@ -74,6 +74,10 @@ def resolve_run_dir(run_dir: str | os.PathLike, create: bool = True) -> Path:
     path = Path(run_dir).expanduser()
     if not path.is_absolute():
         path = project_root() / path
+    if path.exists() and not path.is_dir():
+        raise ValueError(
+            f"run_dir {path} is a file, not a folder: give a folder (created if missing)"
+        )
     if create:
         path.mkdir(parents=True, exist_ok=True)
     return path
@@ -317,7 +321,13 @@ def save_results(run_dir: str | os.PathLike, section: str, values: dict[str, Any
     run_dir = resolve_run_dir(run_dir)
     path = run_dir / "results.json"
     with file_lock(run_dir / ".results.lock", f"results.json: {section}"):
-        results = json.loads(path.read_text()) if path.exists() else {}
+        try:
+            results = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError as e:
+            raise ValueError(
+                f"{path} is not valid JSON ({e}): repair it, or move it away to start a new one "
+                "(this notebook's section is then the only one in it)"
+            ) from e
         results[section] = {**results.get(section, {}), **values}
         atomic_write_bytes(path, (json.dumps(results, indent=2, default=_jsonable) + "\n").encode())
     return path

@@ -268,12 +268,18 @@ def sample_images(
     ``samples.npz`` and ``manifest.json`` into :func:`sample_folder` (returned). ``models``:
     the (tokenizer, transformer) of ``cfg`` when the caller holds them already, else they are
     loaded from ``run_dir``."""
+    per_class = cfg.sample.per_class if per_class is None else per_class
+    for name, value in (("per_class", per_class), ("batch", batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(
+                f"{name}={value!r}: give a whole number >= 1 (--{name.replace('_', '-')}); "
+                "nothing was written"
+            )
     state = process_state()
     if models is None:
         tok = trained("tokenizer", cfg, run_dir)
         models = tok, trained("ar", cfg, run_dir, tok)
     tok, model = (m.to(state.device) for m in models)
-    per_class = per_class or cfg.sample.per_class
     kw = cfg.sample.generate_kwargs()
     settings = {"per_class": per_class, "batch": batch, "seed": seed, **kw}
     folder = sample_folder(cfg, run_dir, settings)

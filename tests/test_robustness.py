@@ -450,3 +450,44 @@ def test_image_folder_whose_files_are_all_bad_says_so_under_skip(tmp_path):
         (tmp_path / "a" / f"{i}.png").write_text("not a png")
     with pytest.raises(data.BadFileError, match=r"none of the 3 image file\(s\).*can be read"):
         data.load_dataset("imagefolder", resolution=8, root=str(tmp_path), bad_files="skip")
+
+
+# ------------------------------------------------- 27. command-line values refused before writing
+@pytest.mark.parametrize(
+    "args, named",
+    [(["--per-class", "0"], "per_class=0"), (["--per-class", "-5"], "per_class=-5"),
+     (["--batch", "0"], "batch=0")],
+)  # fmt: skip
+def test_sample_refuses_a_count_below_one_and_writes_nothing(tmp_path, capsys, args, named):
+    config = tmp_path / "c.yaml"
+    save_config(load_preset("smoke"), config)
+    run_dir = tmp_path / "run"
+    assert cli(["sample", "--config", str(config), "--run-dir", str(run_dir), *args]) == 1
+    err = capsys.readouterr().err
+    assert named in err and ">= 1" in err and "Traceback" not in err
+    assert not any(run_dir.iterdir())  # no model folder, no sample folder
+
+
+def test_a_run_dir_that_is_a_file_and_a_broken_results_file_are_named(tmp_path):
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(ValueError, match="run_dir .*/f is a file, not a folder"):
+        runs.resolve_run_dir(tmp_path / "f")
+    (tmp_path / "results.json").write_text('{"01": {')
+    with pytest.raises(ValueError, match=r"results.json is not valid JSON .* move it away"):
+        runs.save_results(tmp_path, "02", {"a": 1})
+    assert (tmp_path / "results.json").read_text() == '{"01": {'  # left as it was
+
+
+@pytest.mark.parametrize("error", [FloatingPointError("loss is nan at step 3: lower the lr"),
+                                   io.LockTimeout("lock held by pid 1")])  # fmt: skip
+def test_stage_errors_with_a_message_print_it_without_a_traceback(tmp_path, capsys, monkeypatch,
+                                                                  error):  # fmt: skip
+    def fail(*args, **kwargs):
+        raise error
+
+    monkeypatch.setattr(runs, "ensure_tokenizer", fail)
+    config = tmp_path / "c.yaml"
+    save_config(load_preset("smoke"), config)
+    assert cli(["train-tokenizer", "--config", str(config), "--run-dir", str(tmp_path)]) == 1
+    err = capsys.readouterr().err
+    assert str(error) in err and type(error).__name__ in err and "Traceback" not in err
