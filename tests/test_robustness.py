@@ -491,3 +491,32 @@ def test_stage_errors_with_a_message_print_it_without_a_traceback(tmp_path, caps
     assert cli(["train-tokenizer", "--config", str(config), "--run-dir", str(tmp_path)]) == 1
     err = capsys.readouterr().err
     assert str(error) in err and type(error).__name__ in err and "Traceback" not in err
+
+
+def test_a_folder_link_loop_or_a_second_link_is_refused_with_its_path(tmp_path):
+    from cartlib.data.folder import imagefolder
+
+    root, classes = tmp_path / "D", ["a", "b"]
+    for c in classes:
+        (root / c).mkdir(parents=True)
+        for k in range(10):
+            Image.new("RGB", (16, 16), (25 * k, 100, 50)).save(root / c / f"{k}.png")
+
+    def listing():
+        return imagefolder("train", 16, str(root), None, "error", False, False)
+
+    (root / "c_loop").mkdir()
+    (root / "c_loop" / "up").symlink_to("..")  # would invent a class, and loop forever
+    with pytest.raises(ValueError, match=r"c_loop/up leads to .* again through a folder link"):
+        listing()
+    (root / "c_loop" / "up").unlink()
+    (root / "c_loop").rmdir()
+    (root / "twice").symlink_to(root / "a")  # the same images under two labels
+    with pytest.raises(ValueError, match="again through a folder link"):
+        listing()
+    (root / "twice").unlink()
+    (tmp_path / "elsewhere").mkdir()
+    shutil.move(root / "b", tmp_path / "elsewhere" / "b")
+    (root / "b").symlink_to(tmp_path / "elsewhere" / "b")  # ImageNet-style links still work
+    train, test = listing(), imagefolder("test", 16, str(root), None, "error", False, False)
+    assert len(train) + len(test) == 20 and train.classes == classes

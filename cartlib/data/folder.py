@@ -69,8 +69,24 @@ def _hash(text: str) -> bytes:
     return hashlib.sha1(text.encode()).digest()
 
 
+def _walk(top: Path):
+    """``os.walk`` following folder links (ImageNet is often a tree of links), refusing one that
+    leads to a folder already listed: a loop would never end, and a second link to a folder
+    would count its images twice (and a link to a parent invent a class)."""
+    seen: dict[str, str] = {}
+    for d, dirs, names in os.walk(top, followlinks=True):
+        real = os.path.realpath(d)
+        if real in seen:
+            raise ValueError(
+                f"{d} leads to {seen[real]} again through a folder link (a loop, or a second "
+                "link to one folder): remove or replace that link, then run again"
+            )
+        seen[real] = d
+        yield d, dirs, names
+
+
 def _has_image(folder: Path) -> bool:
-    for _, _, names in os.walk(folder, followlinks=True):
+    for _, _, names in _walk(folder):
         if any(Path(f).suffix.lower() in IMAGE_EXTENSIONS for f in names):
             return True
     return False
@@ -127,7 +143,7 @@ def _list_images(root: Path, split: str) -> tuple[list[tuple[Path, str]], list[s
         )
     classes = _class_names(root, present)
     items = []
-    for d, _, names in os.walk(folder or root, followlinks=True):
+    for d, _, names in _walk(folder or root):
         parts = Path(d).relative_to(folder or root).parts
         cls = (parts[0] if parts and parts[0] in classes else None) if classes else root.name
         if cls is not None:
