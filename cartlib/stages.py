@@ -121,8 +121,8 @@ def trained(stage: str, cfg, run_dir, tokenizer=None):
     cfg = settle(stage, cfg, run_dir, None, tokenizer)
     folder = (train.tokenizer_dir if stage == "tokenizer" else train.ar_dir)(run_dir, cfg)
     steps = cfg.tokenizer.steps if stage == "tokenizer" else cfg.ar.steps
-    ckpt = folder / train.CKPT_NAME
-    done = train.load_checkpoint(ckpt)["step"] if ckpt.exists() else 0
+    found = train.load_latest(folder)  # the newest checkpoint that verifies (as the loader)
+    done = found[0]["step"] if found is not None else 0
     if done < steps:
         command = stage_command(cfg, f"train-{stage}", folder / "config.yaml", run_dir)
         raise FileNotFoundError(

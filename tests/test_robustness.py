@@ -520,3 +520,23 @@ def test_a_folder_link_loop_or_a_second_link_is_refused_with_its_path(tmp_path):
     (root / "b").symlink_to(tmp_path / "elsewhere" / "b")  # ImageNet-style links still work
     train, test = listing(), imagefolder("test", 16, str(root), None, "error", False, False)
     assert len(train) + len(test) == 20 and train.classes == classes
+
+
+def test_a_stage_whose_newest_checkpoint_is_damaged_is_not_finished(tmp_path):
+    """The CLI stages (extract-tokens, sample) must not encode with an older checkpoint as if
+    the tokenizer were finished: the newest one is checked as the loader checks it."""
+    from test_train import tiny_cfg, tiny_data
+
+    from cartlib import stages
+    from cartlib.train.checkpoints import read_manifest
+
+    cfg = tiny_cfg(steps=2, ckpt_every=1)
+    train.train_tokenizer(cfg, tmp_path, progress=False, data=tiny_data())
+    assert stages.trained("tokenizer", cfg, tmp_path) is not None
+    folder = train.tokenizer_dir(tmp_path, cfg)
+    newest = folder / read_manifest(folder)[0]["file"]
+    blob = bytearray(newest.read_bytes())
+    blob[len(blob) // 2] ^= 0xFF
+    newest.write_bytes(bytes(blob))
+    with pytest.warns(UserWarning), pytest.raises(FileNotFoundError, match=r"1 of 2 steps"):
+        stages.trained("tokenizer", cfg, tmp_path)
