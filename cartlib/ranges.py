@@ -18,6 +18,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
+from cartlib import hardware
+
 MAX_ORDER = 6
 
 
@@ -100,7 +102,7 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     },
     "ar": {"lr_schedule": ("cosine", "lin0")},
     "sample": {"cfg_schedule": ("linear", "constant")},
-    "": {"mixed_precision": ("auto", "no", "bf16", "fp16")},
+    "": {"mixed_precision": hardware.CHOICES},  # auto | no | bf16 | fp16
 }
 SECTION_OF = {"DataConfig": "data", "DecomposeConfig": "decompose", "TokenizerConfig": "tokenizer",
               "ARConfig": "ar", "SampleConfig": "sample", "RunConfig": ""}  # fmt: skip

@@ -119,8 +119,7 @@ def trained(stage: str, cfg, run_dir, tokenizer=None):
     of ``cfg`` in ``run_dir`` (at any precision, :func:`settle`); an unfinished or missing one
     is an error giving the command."""
     cfg = settle(stage, cfg, run_dir, None, tokenizer)
-    folder = (train.tokenizer_dir if stage == "tokenizer" else train.ar_dir)(run_dir, cfg)
-    steps = cfg.tokenizer.steps if stage == "tokenizer" else cfg.ar.steps
+    folder, steps = _folder(stage, run_dir, cfg), _steps(stage, cfg)
     found = train.load_latest(folder)  # the newest checkpoint that verifies (as the loader)
     done = found[0]["step"] if found is not None else 0
     if done < steps:
