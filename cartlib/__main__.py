@@ -93,7 +93,7 @@ def _stage(args) -> int:
         tok = stages.trained("tokenizer", cfg, runs.resolve_run_dir(args.run_dir))
         stages.extract_shards(cfg, args.run_dir, tok, args.split, source=source)
     elif args.command == "train-ar":
-        plan = launch.plan_ar(cfg, args.run_dir)
+        plan = launch.plan_ar(cfg, args.run_dir, write=False)  # the cluster it was launched into
         if plan.mode == "explain":  # e.g. a full-scale config on a machine without GPUs
             launch.explain(plan)
             return EXIT_NOT_TRAINED

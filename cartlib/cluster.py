@@ -1,5 +1,9 @@
 """Where the processes of a run go: one machine or several, and the commands that start them.
 
+Every printed command says ``--multi_gpu`` when it starts several processes: without it a user's
+default accelerate config (``distributed_type: NO``) would start one process per machine. On
+machines without GPUs the same command runs gloo processes (how the tests run it).
+
 The training layout (micro-batch, accumulation, FSDP, checkpointing) is part of the run's config,
 so every process reads it from ``launch-config.yaml``; ``accelerate launch`` only needs the
 topology. For ``num_machines`` > 1 each machine runs the same command with its own
@@ -45,6 +49,24 @@ class Cluster:
     def per_machine(self) -> int:
         return self.num_processes // self.num_machines
 
+    @classmethod
+    def from_env(cls, env=None) -> Cluster | None:
+        """The cluster this process was launched into (torchrun's variables, which
+        ``accelerate launch`` sets in every rank), or None outside a launcher."""
+        import os
+
+        env = os.environ if env is None else env
+        if "WORLD_SIZE" not in env or "LOCAL_WORLD_SIZE" not in env:
+            return None
+        world, local = int(env["WORLD_SIZE"]), int(env["LOCAL_WORLD_SIZE"])
+        return cls(
+            num_processes=world,
+            num_machines=max(1, world // local),
+            machine_rank=int(env.get("GROUP_RANK", env.get("NODE_RANK", "0"))),
+            main_process_ip=env.get("MASTER_ADDR"),
+            main_process_port=int(env.get("MASTER_PORT", "29500")),
+        )
+
 
 def launch_args(
     cluster: Cluster,
@@ -57,7 +79,10 @@ def launch_args(
 ) -> list[str]:
     """``accelerate launch ... -m cartlib <stage>`` as an argument list; ``machine_rank`` and
     ``main_process_ip`` may be shell variables (``$SLURM_NODEID``) for a batch script."""
-    args = ["accelerate", "launch", "--num_processes", str(cluster.num_processes)]
+    args = ["accelerate", "launch"]
+    if cluster.num_processes > 1:  # else a user's default config (distributed_type NO) starts one
+        args.append("--multi_gpu")
+    args += ["--num_processes", str(cluster.num_processes)]
     if cluster.num_machines > 1:
         rank = cluster.machine_rank if machine_rank is None else machine_rank
         ip = main_process_ip or cluster.main_process_ip or "<address of machine 0>"

@@ -302,6 +302,10 @@ class RunConfig:
         """A short stable hash of the named sections or top-level settings."""
         d = self.to_dict()
         d["mixed_precision"] = self.precision  # auto keys as what it resolves to here
+        # every process count trains the same steps (each draws its share of one global batch,
+        # and checkpoints reshard), so a run moved from 16 A100s to 8 H200s resumes: counted as
+        # 1, the value every key was made with before, so existing keys stay valid
+        d["num_processes"] = 1
         for section, names in NOT_IN_KEYS_OF.items():
             for name in names:
                 d[section].pop(name)

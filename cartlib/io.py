@@ -35,7 +35,7 @@ import socket
 import sys
 import tempfile
 import time
-from datetime import datetime
+from datetime import datetime, timedelta
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,11 @@ import torch
 
 from cartlib import hardware  # ground floor too: the device this process uses
 
+# How long a collective (barrier, broadcast, all-gather) waits for the slowest process before the
+# run fails. NCCL's default, 10 minutes, is shorter than waits a full-scale run has: the barrier
+# after rank 0 extracts tokens, rank 0 hashing every checkpoint shard or writing a ~32 GB whole
+# checkpoint while the others wait. CARTLIB_DIST_TIMEOUT_MIN sets it (minutes).
+DIST_TIMEOUT = timedelta(minutes=float(os.environ.get("CARTLIB_DIST_TIMEOUT_MIN", "120")))
 STALE_FOREIGN_S = 3600  # another host's temp file older than this, found under a lock, is garbage
 _TEMP = re.compile(r"^\..+\.(?P<host>[A-Za-z0-9_-]*)-(?P<pid>\d+)\.[^.]+\.tmp$")
 _HELD: dict[str, list] = {}  # lock path -> [fd, depth] of the locks this process holds
@@ -381,4 +386,4 @@ def process_state():
     writing the same sample files)."""
     from accelerate import PartialState  # the one accelerate import of the ground floor
 
-    return PartialState(cpu=hardware.device().type == "cpu")
+    return PartialState(cpu=hardware.device().type == "cpu", timeout=DIST_TIMEOUT)

@@ -35,6 +35,7 @@ from cartlib.model import build_model
 FULL_SCALE_DEPTH = 12
 FULL_SCALE_RESOLUTION = 128
 DEPTH_PRESETS = (16, 20, 24, 30)
+FULL_SCALE_ON_CPU = "CARTLIB_FULL_SCALE_ON_CPU"
 
 
 class NothingTrainedError(RuntimeError):
@@ -113,11 +114,24 @@ def _layout(cfg: RunConfig, n_params: int, seq_len: int) -> tuple[Fit | None, st
     return fit, None
 
 
-def plan_ar(cfg: RunConfig, run_dir: str | Path, cluster: Cluster | None = None) -> Plan:
+def cpu_full_scale() -> bool:
+    """Whether full-scale configs may train on CPUs here (``CARTLIB_FULL_SCALE_ON_CPU=1``): the
+    code path a cluster runs, at small width, for tests and for debugging on a workstation."""
+    return os.environ.get(FULL_SCALE_ON_CPU, "") == "1"
+
+
+def plan_ar(
+    cfg: RunConfig, run_dir: str | Path, cluster: Cluster | None = None, write: bool = True
+) -> Plan:
     """Validate ``cfg`` completely and decide where its transformer training runs: here, through
     ``accelerate launch`` on this machine's GPUs, or (explain) elsewhere — with the layout that
-    fits the GPUs' memory, the command for every machine and, for several, a SLURM script."""
-    cluster = cluster or Cluster(cfg.num_processes)
+    fits the GPUs' memory, the command for every machine and, for several, a SLURM script.
+
+    ``cluster``: the machines the run is planned for; by default the one this process was
+    launched into (:meth:`Cluster.from_env`: inside a rank of a multi-node launch), else one
+    machine with ``cfg.num_processes`` processes. ``write``: write the launch config and the
+    SLURM script into ``run_dir`` (not from inside launched ranks: they read them)."""
+    cluster = cluster or Cluster.from_env() or Cluster(cfg.num_processes)
     if cluster.num_processes != cfg.num_processes:
         raise ValueError(
             f"the cluster runs {cluster.num_processes} processes, the config "
@@ -148,11 +162,14 @@ def plan_ar(cfg: RunConfig, run_dir: str | Path, cluster: Cluster | None = None)
         problems.append(f"data.root={cfg.data.root!r} does not exist on this machine")
     gpus = torch.cuda.device_count()
     need = cfg.num_processes if full_scale(cfg) else 0
-    if full_scale(cfg) and gpus < 1:
+    if full_scale(cfg) and gpus < 1 and cpu_full_scale():
+        pass  # CPU processes over gloo, by request: the cluster's code path at small width
+    elif full_scale(cfg) and gpus < 1:
         problems.append(
             f"this is a full-scale run ({n_params / 1e6:.0f}M parameters, "
             f"{cfg.data.resolution}px): it needs CUDA GPUs (the paper used 16 A100s; this preset "
-            f"asks for {cfg.num_processes} processes) and this machine has none"
+            f"asks for {cfg.num_processes} processes) and this machine has none (to run its code "
+            f"path on CPUs anyway, at a width they can train, set {FULL_SCALE_ON_CPU}=1)"
         )
     elif full_scale(cfg) and gpus < cluster.per_machine:
         problems.append(
@@ -164,7 +181,7 @@ def plan_ar(cfg: RunConfig, run_dir: str | Path, cluster: Cluster | None = None)
     mp = cfg.mixed_precision
     nodes = node_commands(cluster, "train-ar", config_path, run_dir, mp)
     slurm = None
-    if cluster.num_machines > 1:
+    if cluster.num_machines > 1 and write:
         slurm = run_dir / "train-ar.slurm"
         script = slurm_script(cluster, "train-ar", config_path, run_dir, mp, f"cart-{cfg.name}")
         atomic_write_bytes(slurm, script.encode())

@@ -208,11 +208,11 @@ def extract_shards(
 
 
 def _encode(cfg, tokenizer, source, folder, todo, meta, device, progress) -> None:
-    """Encode the shards ``todo`` in fixed batches: the per-process batch of tokenizer training
-    (``tokenizer.batch_size / num_processes`` of the config, so it fits the device, and a
-    setting, not the launch, decides it: the same batches whatever the number of processes)."""
+    """Encode the shards ``todo`` in fixed batches of ``tokenizer.batch_size`` images: the global
+    batch of tokenizer training, encoded without gradients (so it fits where a training step's
+    share fits), and the same batches whatever the number of processes."""
     views, seed = meta["views"], cfg.tokenizer.seed
-    bs = max(1, cfg.tokenizer.batch_size // max(1, cfg.num_processes))
+    bs = cfg.tokenizer.batch_size
     bases_of = Bases(cfg, source, device, progress)
     plan = []  # (shard, first row, requests) per batch, in reading order
     for shard in todo:

@@ -12,8 +12,44 @@ from cartlib.cluster import Cluster, node_commands, slurm_script
 
 def test_one_machine_needs_no_rendezvous():
     (cmd,) = node_commands(Cluster(8), "train-ar", "c.yaml", "runs/x", "bf16")
-    assert cmd.startswith("accelerate launch --num_processes 8 --mixed_precision bf16 -m cartlib")
+    # --multi_gpu: else a default accelerate config with distributed_type NO starts 1 process
+    assert cmd.startswith(
+        "accelerate launch --multi_gpu --num_processes 8 --mixed_precision bf16 -m cartlib"
+    )
     assert "--machine_rank" not in cmd and cmd.endswith("--config c.yaml --run-dir runs/x")
+    (one,) = node_commands(Cluster(1), "train-ar", "c.yaml", "runs/x", "auto")
+    assert one.startswith("accelerate launch --num_processes 1 -m cartlib")
+
+
+def test_a_launched_rank_knows_its_cluster_from_the_launcher():
+    env = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "GROUP_RANK": "1",
+           "MASTER_ADDR": "10.0.0.1", "MASTER_PORT": "29400"}  # fmt: skip
+    c = Cluster.from_env(env)
+    assert (c.num_processes, c.num_machines, c.machine_rank, c.per_machine) == (16, 2, 1, 8)
+    assert (c.main_process_ip, c.main_process_port) == ("10.0.0.1", 29400)
+    assert Cluster.from_env({}) is None  # not launched
+
+
+def test_each_rank_of_a_two_node_launch_plans_its_own_node_and_writes_nothing(
+    tmp_path, monkeypatch
+):
+    """Inside rank 9 of 16 on two 8-GPU nodes, ``train-ar``'s plan must not count 16 processes
+    on one machine (it did: every rank of every multi-node run exited 3 before training)."""
+    from cartlib.config import load_preset
+    from cartlib.launch import plan_ar
+
+    env = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "GROUP_RANK": "1", "RANK": "9",
+           "MASTER_ADDR": "10.0.0.1"}  # fmt: skip
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 8)
+    data = tmp_path / "imagenet"
+    data.mkdir()
+    cfg = load_preset("cart-d30-256", num_processes=16, data={"root": str(data)})
+    plan = plan_ar(cfg, tmp_path / "run", write=False)
+    assert plan.problems == [] and plan.mode == "launch", plan.summary()
+    assert plan.cluster.per_machine == 8 and plan.cluster.machine_rank == 1
+    assert not (tmp_path / "run").exists()  # the ranks read the launch config, never rewrite it
 
 
 def test_two_nodes_get_one_command_each_with_their_rank():

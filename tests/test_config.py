@@ -56,7 +56,7 @@ def test_depth_30_means_cart_d30_and_is_explained_without_gpus(tmp_path):
     if plan.mode == "explain":  # this machine has no GPU
         text = " ".join(plan.problems)
         assert "GPU" in text and "data_root" in text
-    assert "accelerate launch --num_processes 16" in plan.command
+    assert "accelerate launch --multi_gpu --num_processes 16" in plan.command
     assert launch.plan_ar(load_preset("smoke"), tmp_path).mode == "in-process"
 
 

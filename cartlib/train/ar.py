@@ -11,7 +11,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
-from accelerate.utils import DistributedType
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
@@ -30,12 +29,7 @@ from cartlib.train.loop import (
     set_weight_decay,
     weight_decay_at,
 )
-from cartlib.train.parallel import (
-    checkpoint_blocks,
-    fsdp_plugin,
-    gradient_sync,
-    shard_per_block,
-)
+from cartlib.train.parallel import checkpoint_blocks, gradient_sync, shard_per_block
 from cartlib.train.sharded import is_sharded
 
 TOKENIZER_HASH = "tokenizer_hash.txt"  # in a transformer's folder: the tokenizer of its tokens
@@ -100,13 +94,31 @@ def check_tokenizer(folder: str | Path, tokenizer) -> None:
 
 def ar_loss(logits: torch.Tensor, targets: torch.Tensor, level_ids: torch.Tensor, n_steps: int):
     """Cross-entropy over all token maps, plus per-step loss and accuracy (for the logs).
-    logits (B,L,V), targets (B,L) -> (loss, per-step loss (M,), per-step acc (M,))"""
+    logits (B,L,V), targets (B,L) -> (loss, per-step loss (M,), per-step acc (M,)), all fp32
+    whatever the logits' dtype (bf16 under autocast or an FSDP bf16 policy)."""
+    logits = logits.float()
     ce = torch.nn.functional.cross_entropy(logits.transpose(1, 2), targets, reduction="none")
     hit = (logits.argmax(-1) == targets).float()
     count = torch.bincount(level_ids, minlength=n_steps).float() * len(targets)
     per_loss = torch.zeros(n_steps, device=ce.device).index_add_(0, level_ids, ce.sum(0)) / count
     per_acc = torch.zeros(n_steps, device=ce.device).index_add_(0, level_ids, hit.sum(0)) / count
     return ce.mean(), per_loss.detach(), per_acc.detach()
+
+
+def step_logs(acc, loss, grad_norm, per_loss, per_acc) -> dict[str, float]:
+    """The logged numbers of one step, averaged over the processes (each saw its share of the
+    batch): one all-reduce and one device-to-host copy per step, not one per number."""
+    head = [loss.reshape(1).float(), per_acc.mean().reshape(1)]
+    norm = torch.as_tensor(grad_norm, dtype=torch.float32, device=loss.device).reshape(1)
+    values = torch.cat([*head, per_loss, per_acc, norm])  # the norm is the same on every process
+    if acc.num_processes > 1:
+        values = acc.reduce(values, reduction="mean")
+    values = values.tolist()
+    m = len(per_loss)
+    logs = {"loss": values[0], "acc": values[1], "grad_norm": values[-1]}
+    logs.update({f"loss_{i}": v for i, v in enumerate(values[2 : 2 + m])})
+    logs.update({f"acc_{i}": v for i, v in enumerate(values[2 + m : 2 + 2 * m])})
+    return logs
 
 
 def ar_dir(run_dir: str | Path, cfg) -> Path:
@@ -174,22 +186,23 @@ def train_ar(
     (out_dir / "num_classes.txt").write_text(str(num_classes))
     if main:  # atomic: the other processes may be reading it in check_tokenizer
         atomic_write_bytes(out_dir / TOKENIZER_HASH, tokenizer_hash(tokenizer).encode())
-    torch.manual_seed(a.seed)
-    acc = make_accelerator(cfg.precision, fsdp=fsdp_plugin(a.grad_ckpt) if a.fsdp else None)
+    torch.manual_seed(a.seed)  # every process builds the same initial weights (FSDP needs it)
+    acc = make_accelerator(cfg.precision, fsdp=a.fsdp)
     tokenizer = tokenizer.to(acc.device).eval().requires_grad_(False)
     sched = tokenizer.schedule
     model = build_model(cfg, sched, num_classes)
-    torch_fsdp = a.fsdp and acc.distributed_type == DistributedType.MULTI_CPU  # over gloo
-    if a.grad_ckpt and not acc.is_fsdp2:  # else accelerate's plugin wraps the same blocks
+    if acc.process_index:  # its own DropPath/dropout draws; rank 0 keeps the one-process stream
+        torch.manual_seed(a.seed + 7919 * acc.process_index)
+    if a.grad_ckpt:
         checkpoint_blocks(model)
-    if torch_fsdp:
-        shard_per_block(model, cfg.precision)  # before the optimizer: parameters change
+    if a.fsdp:  # one path on CPUs (gloo) and GPUs (nccl): torch's fully_shard, fp32 reduction
+        shard_per_block(model.to(acc.device), cfg.precision)  # before the optimizer
     lr = a.lr * a.batch_size / 256
     opt = build_optimizer(model, lr, a.weight_decay)
     lrs = torch.optim.lr_scheduler.LambdaLR(
         opt, lr_lambda(a.warmup, a.steps, a.lr_end, a.lr_schedule)
     )
-    if torch_fsdp:  # sharded already: accelerate would wrap it in DDP
+    if a.fsdp:  # sharded already: accelerate would wrap it in DDP
         opt = acc.prepare(opt)
     else:
         model, opt = acc.prepare(model, opt)
@@ -242,10 +255,7 @@ def train_ar(
         lrs.step()
         if isinstance(gnorm, DTensor):  # FSDP: the norm over all shards
             gnorm = gnorm.full_tensor()
-        logs = {"loss": loss.item(), "acc": float(per_acc.mean()), "grad_norm": float(gnorm)}
-        logs.update({f"loss_{m}": float(v) for m, v in enumerate(per_loss)})
-        logs.update({f"acc_{m}": float(v) for m, v in enumerate(per_acc)})
-        return logs
+        return step_logs(acc, loss, gnorm, per_loss, per_acc)
 
     history = run_loop(
         accelerator=acc,

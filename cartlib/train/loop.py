@@ -38,20 +38,32 @@ from tqdm.auto import tqdm
 
 from cartlib import hardware
 from cartlib.config import load_config
-from cartlib.io import atomic_write_bytes, dir_lock, load_checkpoint  # noqa: F401 (re-exported)
+from cartlib.io import (  # noqa: F401 (load_checkpoint re-exported)
+    DIST_TIMEOUT,
+    atomic_write_bytes,
+    dir_lock,
+    load_checkpoint,
+)
 from cartlib.train.checkpoints import CKPT_NAME, KEEP, load_latest, save_checkpoint
-from cartlib.train.sharded import is_sharded, load_shards, save_shards, whole_state_dicts
+from cartlib.train.sharded import (
+    is_sharded,
+    load_shards,
+    rank_world,
+    save_shards,
+    whole_state_dicts,
+)
 
 
 # ------------------------------------------------------------------------------------- accelerate
-def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, fsdp=None):
+def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, fsdp: bool = False):
     """An ``accelerate.Accelerator`` on :func:`cartlib.hardware.device` (``cpu`` overrides) in
     ``mixed_precision`` (``auto``: :func:`cartlib.hardware.resolve_precision`); in-process (no
     launcher) its global state is reset first so a notebook can train several models with
-    different precision settings. ``fsdp``: accelerate's
-    FSDP plugin (:func:`cartlib.train.parallel.fsdp_plugin`); accelerate shards on GPUs only,
-    so on CPUs the plugin is not passed and the caller shards with torch's FSDP2 over gloo
-    (:func:`cartlib.train.parallel.shard_per_block`), which needs several launched processes."""
+    different precision settings. Collectives wait up to :data:`cartlib.io.DIST_TIMEOUT`.
+    ``fsdp``: the caller shards the model itself (:func:`cartlib.train.parallel.shard_per_block`,
+    the same on CPUs and GPUs), which needs several launched processes."""
+    from accelerate.utils import InitProcessGroupKwargs
+
     mixed_precision = hardware.precision(mixed_precision)  # auto -> what the device runs natively
     if cpu is None:
         cpu = hardware.device().type == "cpu"
@@ -61,13 +73,15 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, fsdp=
     if cpu and mixed_precision == "fp16":
         raise ValueError("mixed_precision='fp16' needs a GPU; use 'bf16' on CPUs")
     world = int(os.environ.get("WORLD_SIZE", "1"))
-    if cpu and fsdp is not None and world < 2:
+    if fsdp and world < 2:
         raise ValueError(
-            f"ar.fsdp=True on CPUs shards over gloo between launched processes, and this is "
-            f"{world} process: launch 2 or more (tests/launching.py shows how), or set "
-            "ar.fsdp=False (gradient accumulation via ar.micro_batch also saves memory)"
+            f"ar.fsdp=True shards the model over launched processes, and this is {world} "
+            "process: launch 2 or more (accelerate launch --multi_gpu --num_processes N; "
+            "tests/launching.py shows it on CPUs), or set ar.fsdp=False (gradient accumulation "
+            "via ar.micro_batch also saves memory)"
         )
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, fsdp_plugin=None if cpu else fsdp)
+    timeout = InitProcessGroupKwargs(timeout=DIST_TIMEOUT)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=[timeout])
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -80,6 +94,31 @@ def rng_state() -> dict[str, Any]:
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
+
+
+def rng_states() -> list[dict[str, Any]] | None:
+    """Collective under a launcher: every process's :func:`rng_state`, rank order (each draws
+    its own DropPath masks, so each resumes its own stream); None in one process."""
+    rank, world = rank_world()
+    if world == 1:
+        return None
+    states = [None] * world
+    dist.all_gather_object(states, rng_state())
+    return states
+
+
+def resume_rng(state: dict[str, Any]) -> None:
+    """Set this process's RNG from a checkpoint: its own stream when the checkpoint was written
+    by as many processes (``rng_ranks``), else the main process's (one process, or a run resumed
+    at another process count: the streams then differ from an uninterrupted run's)."""
+    rank, world = rank_world()
+    ranks = state.get("rng_ranks")
+    if ranks is not None and len(ranks) == world:
+        set_rng_state(ranks[rank])
+        return
+    set_rng_state(state["rng"])
+    if rank:  # not the main process's masks again
+        torch.manual_seed(int(torch.randint(2**62, (1,))) + rank)
 
 
 def set_rng_state(state: dict[str, Any]) -> None:
@@ -156,7 +195,7 @@ def _resume(ckpt_dir: Path, accelerator, modules, optimizers, schedulers):
             opt.load_state_dict(state["optimizers"][name])
     for name, sch in schedulers.items():
         sch.load_state_dict(state["schedulers"][name])
-    set_rng_state(state["rng"])
+    resume_rng(state)
     return state["step"], state["history"]
 
 
@@ -175,6 +214,11 @@ def set_weight_decay(optimizer: torch.optim.Optimizer, value: float) -> None:
         group["weight_decay"] = value * group.get("wd_scale", float(group["weight_decay"] > 0))
 
 
+# Entries a run's loss history keeps (it is in every checkpoint and in history.json): up to this
+# many steps one entry per step, beyond it one per ceil(steps / MAX_HISTORY) steps, their mean.
+MAX_HISTORY = 10_000
+
+
 def run_loop(
     *,
     accelerator,
@@ -191,7 +235,8 @@ def run_loop(
     desc: str = "train",
     keep: int = KEEP,
 ) -> list[dict[str, float]]:
-    """Run ``step_fn(step)`` for steps [resume point, total_steps); return the loss history.
+    """Run ``step_fn(step)`` for steps [resume point, total_steps); return the loss history
+    (one entry per step, or per interval beyond :data:`MAX_HISTORY` steps).
 
     ``stop_after`` ends the loop early after that many steps (checkpointing first): used to
     simulate a kill in tests and to train in slices from a notebook. ``keep`` checkpoints are
@@ -205,11 +250,16 @@ def run_loop(
         accelerator.wait_for_everyone()  # the others resume once the main process holds the lock
         start, history = _resume(ckpt_dir, accelerator, cores, optimizers, schedulers)
         end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+        # nothing to train and nothing saved (steps: 0): one checkpoint all the same. Decided
+        # before the loop, as every process must agree (saving is collective) and the main
+        # process's last save may be on disk before another process looks
+        save_empty = end == start and not path.exists()
 
         def save(step: int) -> None:
             """The checkpoint of ``step``: one file from the main process, plus every rank's
             shards under FSDP (then whole weights in the file only at this run's last save)."""
             state, shards = {"step": step}, None
+            ranks = rng_states()  # collective: every process's RNG
             if sharded:
                 state["sharded"], shards = save_shards(ckpt_dir, step, cores, optimizers)
                 if step == end:  # the consolidated export (collective)
@@ -220,11 +270,23 @@ def run_loop(
             if main:
                 state["schedulers"] = {n: s.state_dict() for n, s in schedulers.items()}
                 state.update(rng=rng_state(), history=history)
+                if ranks is not None:
+                    state["rng_ranks"] = ranks
                 state.update(extra_state() if extra_state else {})
                 save_checkpoint(ckpt_dir, state, keep, shards)
                 atomic_write_bytes(ckpt_dir / "history.json", json.dumps(history).encode())
             if sharded:
                 accelerator.wait_for_everyone()  # the manifest lists it before anyone goes on
+
+        every = max(1, -(-total_steps // MAX_HISTORY))
+        pending: list[dict[str, float]] = []
+
+        def flush(step: int) -> None:
+            """One history entry: the mean of the steps logged since the last one."""
+            if pending:
+                mean = {k: sum(p[k] for p in pending) / len(pending) for k in pending[-1]}
+                history.append({"step": step, **mean})
+                pending.clear()
 
         bar = tqdm(
             range(start, end),
@@ -247,15 +309,18 @@ def run_loop(
                     f"{desc}: non-finite loss at step {step}: {bad}; {last}. Lower the learning "
                     "rate, set mixed_precision='no', or check the input data for NaNs"
                 )
-            history.append({"step": step, **logs})
+            pending.append(logs)
+            if (step + 1) % every == 0 or step + 1 == end:
+                flush(step)
             bar.set_postfix(
                 {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "rec", "acc")},
                 refresh=False,
             )
             if (step + 1) % ckpt_every == 0 or step + 1 == end:
+                flush(step)  # the checkpoint's history covers every step before it
                 save(step + 1)
                 start = step + 1
-        if end == start and not path.exists():
+        if save_empty:
             save(end)
     return history
 

@@ -1,9 +1,15 @@
 """Memory savers for large transformers, from torch itself: activation checkpointing per block
 and FSDP2 full sharding per block (``torch.distributed.fsdp.fully_shard``).
 
-On GPUs under ``accelerate launch`` FSDP comes from accelerate's plugin (:func:`fsdp_plugin`), which
-wraps the same units; :func:`shard_per_block` is the direct torch call for places accelerate does
-not cover (one-process checks in ``benchmarks/gpu_check.py``, FSDP over gloo on CPUs in tests).
+There is one FSDP path, the same on CPUs (gloo, the tests) and GPUs (nccl, a cluster):
+:func:`shard_per_block` shards the model itself before accelerate prepares the optimizer, with one
+mixed-precision policy (bf16 parameters in compute, fp32 master weights, gradients reduce-scattered
+in fp32; the loss is computed in fp32 by :func:`cartlib.train.ar.ar_loss`). accelerate's FSDP
+plugin is not used: it shards on GPUs only, so a CPU test could never reach it; its default policy
+reduces gradients and casts the model's output in bf16; its activation checkpointing does not
+preserve the RNG state (stochastic depth would recompute with another mask in backward); and a
+second ``Accelerator`` in one process silently ignores it. :func:`checkpoint_blocks` (torch's
+non-reentrant checkpoint, RNG state preserved) serves with and without FSDP.
 """
 
 from __future__ import annotations
@@ -27,42 +33,41 @@ PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 def checkpoint_blocks(model: nn.Module) -> nn.Module:
     """Recompute every transformer block's activations in backward (non-reentrant checkpoint):
-    memory for activations drops from depth x one block to depth x block input + one block."""
-    wrapper = functools.partial(checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT)
+    memory for activations drops from depth x one block to depth x block input + one block.
+    The RNG state is preserved, so the recomputation draws the forward's DropPath masks."""
+    wrapper = functools.partial(
+        checkpoint_wrapper, checkpoint_impl=CheckpointImpl.NO_REENTRANT, preserve_rng_state=True
+    )
     apply_activation_checkpointing(
         model, checkpoint_wrapper_fn=wrapper, check_fn=lambda m: isinstance(m, Block)
     )
     return model
 
 
-def shard_per_block(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
-    """FSDP2 full sharding with one unit per block plus the root (embeddings and head); fp32
-    master weights, compute in ``mixed_precision``, gradients reduced in fp32. Needs an
-    initialised process group (gloo on CPUs, nccl on GPUs)."""
-    policy = MixedPrecisionPolicy(
+def sharding_policy(mixed_precision: str) -> MixedPrecisionPolicy:
+    """FSDP2's mixed precision for ``mixed_precision`` (no | bf16): parameters gathered in that
+    dtype for compute, gradients reduce-scattered in fp32, output left as computed."""
+    if mixed_precision == "fp16":
+        raise ValueError(
+            "ar.fsdp=True with mixed_precision='fp16': fp16 needs a gradient scaler that works "
+            "on sharded gradients, which cartlib does not use; train in 'bf16' (A100, H100 and "
+            "later GPUs) or 'no', or set ar.fsdp=False"
+        )
+    return MixedPrecisionPolicy(
         param_dtype=PRECISION.get(mixed_precision), reduce_dtype=torch.float32
     )
+
+
+def shard_per_block(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
+    """FSDP2 full sharding with one unit per block plus the root (embeddings and head), with
+    :func:`sharding_policy`. Needs an initialised process group (gloo on CPUs, nccl on GPUs);
+    the shards go to the process's device."""
+    policy = sharding_policy(mixed_precision)
     for module in list(model.modules()):
         if isinstance(module, Block):
             fully_shard(module, mp_policy=policy)
     fully_shard(model, mp_policy=policy)
     return model
-
-
-def fsdp_plugin(checkpointing: bool):
-    """accelerate's FSDP2 plugin with the same units as :func:`shard_per_block`: full sharding,
-    per-block wrapping, sharded state dicts for resumable checkpoints."""
-    from accelerate.utils import FullyShardedDataParallelPlugin  # imported where FSDP is used
-
-    return FullyShardedDataParallelPlugin(
-        fsdp_version=2,
-        reshard_after_forward=True,
-        auto_wrap_policy="transformer_based_wrap",
-        transformer_cls_names_to_wrap=[Block.__name__],
-        state_dict_type="SHARDED_STATE_DICT",
-        activation_checkpointing=checkpointing,
-        cpu_ram_efficient_loading=False,
-    )
 
 
 @contextlib.contextmanager

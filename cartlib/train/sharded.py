@@ -39,7 +39,8 @@ def is_sharded(*modules: nn.Module) -> bool:
     return any(isinstance(m, FSDPModule) for m in modules)
 
 
-def _rank_world() -> tuple[int, int]:
+def rank_world() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) without a process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -75,7 +76,7 @@ def save_shards(
     process, None on the others). A crash leaves only a ``.partial`` folder, removed next time."""
     name = f"step-{step:08d}.dcp"
     partial = folder / f".{name}.partial"
-    rank, world = _rank_world()
+    rank, world = rank_world()
     if rank == 0:
         for old in folder.glob(".step-*.dcp.partial"):  # left by a crashed save
             shutil.rmtree(old)
