@@ -302,10 +302,7 @@ class RunConfig:
         """A short stable hash of the named sections or top-level settings."""
         d = self.to_dict()
         d["mixed_precision"] = self.precision  # auto keys as what it resolves to here
-        # every process count trains the same steps (each draws its share of one global batch,
-        # and checkpoints reshard), so a run moved from 16 A100s to 8 H200s resumes: counted as
-        # 1, the value every key was made with before, so existing keys stay valid
-        d["num_processes"] = 1
+        d.update(FIXED_IN_KEYS)
         for section, names in NOT_IN_KEYS_OF.items():
             for name in names:
                 d[section].pop(name)
@@ -363,6 +360,11 @@ def check_ranges(section: Any) -> None:
 
 SECTIONS = ("data", "decompose", "tokenizer", "ar", "sample")
 NOT_IN_KEYS = ("name", "gpu_mem_gib")  # top-level settings that change no trained result
+# top-level settings that change no trained result either, hashed at the value every key was made
+# with when they still counted (so existing keys stay valid): every process count trains the same
+# steps (each process draws its share of one global batch; checkpoints reshard), so a run moved
+# from 16 A100s to 8 H200s resumes where it was
+FIXED_IN_KEYS = {"num_processes": 1}
 # settings of a section that change how fast, not what, a stage computes
 NOT_IN_KEYS_OF = {"data": ("workers", "shard_size"), "ar": ("micro_batch", "grad_ckpt", "fsdp")}
 

@@ -1,31 +1,78 @@
 """Train the layout probe's transformer under FSDP (torch's FSDP2 over gloo on CPUs) and save
-what each run returned: ``python tests/fsdp_probe.py OUT RUN_DIR:STOP_AFTER[:MICRO] ...`` trains
-each run directory in turn (STOP_AFTER 0 = to the end; MICRO a micro-batch for gradient
-accumulation, default none), checkpointing every step. Used by
-tests/test_fsdp.py under ``accelerate launch`` with 2 CPU processes.
+what each run returned: ``python tests/fsdp_probe.py OUT RUN_DIR:STOP_AFTER[:MICRO[:PRECISION]]
+...`` trains each run directory in turn (STOP_AFTER 0 = to the end; MICRO a micro-batch for
+gradient accumulation, 0 none; PRECISION no (default) or bf16, the latter with stochastic depth
+on so that each rank's RNG matters), checkpointing every step. Used by tests/test_fsdp.py under
+``accelerate launch`` with 2 CPU processes.
+
+It also records, per run, the dtypes that matter at scale: the logits reaching the loss, the loss
+itself, the gradients as computed and the dtype FSDP reduce-scatters them in (by wrapping torch's
+``foreach_reduce``, the call every FSDP2 gradient reduction goes through), and how many distinct
+RNG states the ranks end with.
 """
 
 from __future__ import annotations
 
+import inspect
 import sys
 
 import torch
 import torch.distributed as dist
 from layout_probe import setup
+from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
+import cartlib.train.ar as ar_mod
 from cartlib.train import train_ar
+
+SEEN: dict[str, set[str]] = {}
+
+
+def _record(key: str, dtype: torch.dtype) -> None:
+    SEEN.setdefault(key, set()).add(str(dtype).removeprefix("torch."))
+
+
+def _wrap_dtypes() -> None:
+    loss_fn, reduce_fn = ar_mod.ar_loss, _fsdp_param_group.foreach_reduce
+    signature = inspect.signature(reduce_fn)
+
+    def ar_loss(logits, *args):
+        _record("logits", logits.dtype)
+        out = loss_fn(logits, *args)
+        _record("loss", out[0].dtype)
+        return out
+
+    def foreach_reduce(*args, **kwargs):
+        bound = signature.bind(*args, **kwargs).arguments
+        grads = bound["unsharded_grads"]
+        _record("grads", grads[0].dtype)  # as computed: in the policy's parameter dtype
+        _record("reduce", bound["reduce_dtype"] or grads[0].dtype)
+        return reduce_fn(*args, **kwargs)
+
+    ar_mod.ar_loss = ar_loss
+    _fsdp_param_group.foreach_reduce = foreach_reduce
 
 
 def main(out: str, *runs: str) -> None:
+    _wrap_dtypes()
     results = {}
     for spec in runs:
-        run_dir, stop, *micro = spec.split(":")
-        cfg, tok, tokens, labels = setup(int(micro[0]) if micro else 0, fsdp=True, ckpt_every=1)
+        run_dir, stop, *rest = spec.split(":")
+        micro, precision = (int(rest[0]) if rest else 0), (rest[1] if len(rest) > 1 else "no")
+        extra = {"drop_path": 0.3} if precision == "bf16" else {}
+        cfg, tok, tokens, labels = setup(micro, fsdp=True, ckpt_every=1, **extra)
+        cfg = cfg.updated(mixed_precision=precision)
+        SEEN.clear()
         model, history = train_ar(
             cfg, run_dir, tok, tokens, labels, 10, progress=False, stop_after=int(stop) or None
         )
         losses = {h["step"]: h["loss"] for h in history}
-        results[run_dir] = {"params": model.state_dict(), "loss": losses}
+        dtypes = {k: sorted(v) for k, v in SEEN.items()}
+        streams = [None] * dist.get_world_size()  # each rank's RNG: its own DropPath masks
+        dist.all_gather_object(streams, torch.get_rng_state())
+        distinct = len({bytes(t.numpy()) for t in streams})
+        results[run_dir] = {
+            "params": model.state_dict(), "loss": losses, "dtypes": dtypes, "streams": distinct
+        }  # fmt: skip
     if dist.get_rank() == 0:
         torch.save({"runs": results, "processes": dist.get_world_size()}, out)
 

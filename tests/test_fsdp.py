@@ -59,15 +59,29 @@ def test_fsdp_run_stopped_and_resumed_matches_and_its_export_loads_without_a_pro
     tmp_path,
 ):
     whole, stopped, micro = tmp_path / "whole", tmp_path / "stopped", tmp_path / "micro"
+    bf16, bf16_stopped = tmp_path / "bf16", tmp_path / "bf16-stopped"
     runs = [f"{whole}:0", f"{stopped}:2", f"{micro}:0:2"]  # micro: 2 x 2 accumulation per rank
+    runs += [f"{bf16}:0:0:bf16", f"{bf16_stopped}:2:0:bf16"]  # bf16 policy + stochastic depth
     accelerate_launch([PROBE, tmp_path / "a.pt", *runs], 2)
-    accelerate_launch([PROBE, tmp_path / "b.pt", f"{stopped}:0"], 2)  # a new launch resumes
+    resume = [f"{stopped}:0", f"{bf16_stopped}:0:0:bf16"]
+    accelerate_launch([PROBE, tmp_path / "b.pt", *resume], 2)  # a new launch resumes
     first, second = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     assert first["processes"] == second["processes"] == 2
     ref, resumed = first["runs"][str(whole)], second["runs"][str(stopped)]
     assert sorted(first["runs"][str(stopped)]["loss"]) == [0, 1]  # it stopped after 2 steps
     assert resumed["loss"][2] == ref["loss"][2]  # the next step after resuming, bit for bit
     assert _max_diff(resumed["params"], ref["params"]) == 0.0
+    # the cluster's policy: bf16 compute, but logits, loss and every gradient reduction in fp32
+    fp32 = ["float32"]
+    assert first["runs"][str(bf16)]["dtypes"] == {
+        "logits": fp32, "loss": fp32, "grads": ["bfloat16"], "reduce": fp32
+    }  # fmt: skip
+    assert ref["dtypes"] == {"logits": fp32, "loss": fp32, "grads": fp32, "reduce": fp32}
+    # ... and it resumes bit for bit too: each rank's own DropPath stream comes back
+    assert first["runs"][str(bf16)]["streams"] == 2  # the ranks draw different masks
+    bf_ref, bf_resumed = first["runs"][str(bf16)], second["runs"][str(bf16_stopped)]
+    assert bf_resumed["loss"][2] == bf_ref["loss"][2]
+    assert _max_diff(bf_resumed["params"], bf_ref["params"]) == 0.0
     # gradient accumulation under FSDP2: reduce-scattered once, after the last micro-batch
     accumulated = _max_diff(first["runs"][str(micro)]["params"], ref["params"])
     print(f"FSDP with 2 micro-batches vs whole per-rank batch: max |diff| {accumulated:.3g}")

@@ -100,6 +100,33 @@ def test_drop_path_is_identity_in_eval_and_stochastic_per_sample_in_training(tok
     model.eval()
 
 
+def test_activation_checkpointing_recomputes_with_the_forwards_drop_path_masks(tok):
+    """Backward through checkpointed blocks must see the masks the forward drew (accelerate's
+    FSDP activation checkpointing did not preserve the RNG state: other masks, wrong gradients,
+    silently). Same seed, with and without checkpointing: the same gradients."""
+    from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
+
+    from cartlib.train.parallel import checkpoint_blocks
+
+    labels, tokens = torch.tensor([0, 1, 2, 3]), tokens_of(tok.schedule, 4)
+
+    def grads(model):
+        model.train()
+        torch.manual_seed(5)
+        forward(model, tok, labels, tokens).square().mean().backward()
+        return {n: p.grad for n, p in model.named_parameters()}
+
+    plain = grads(make(tok, drop_path=0.5))
+    wrapped = make(tok, drop_path=0.5)
+    checkpoint_blocks(wrapped)
+    assert all(isinstance(b, type(checkpoint_wrapper(torch.nn.Identity()))) for b in wrapped.blocks)
+    ckpt = grads(wrapped)
+    names = {n.replace("_checkpoint_wrapped_module.", ""): g for n, g in ckpt.items()}
+    assert names.keys() == plain.keys()
+    for n, g in plain.items():
+        torch.testing.assert_close(names[n], g, msg=n)
+
+
 def test_var_init_scales_gates_shift_scale_head_and_residual_projections(tok):
     torch.manual_seed(0)
     depth, width = 6, 96

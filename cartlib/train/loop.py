@@ -70,6 +70,11 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, fsdp:
     if "LOCAL_RANK" not in os.environ and "ACCELERATE_MIXED_PRECISION" not in os.environ:
         AcceleratorState._reset_state(True)
         GradientState._reset_state()
+    elif AcceleratorState._shared_state.get("_mixed_precision") not in (None, mixed_precision):
+        # a launched process training a second model in another precision (accelerate would
+        # refuse): a new precision state, the process group (PartialState) kept
+        AcceleratorState._reset_state(False)
+        GradientState._reset_state()
     if cpu and mixed_precision == "fp16":
         raise ValueError("mixed_precision='fp16' needs a GPU; use 'bf16' on CPUs")
     world = int(os.environ.get("WORLD_SIZE", "1"))
