@@ -3,7 +3,9 @@ token shards (extraction under 1 and 2 processes, resume, checks on load), shard
 input, and memory that does not grow with the dataset."""
 
 import json
+import os
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -13,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from launching import accelerate_launch
+from launching import accelerate_launch, free_port
 from PIL import Image
 
 from cartlib import runs, stages, train
@@ -23,11 +25,13 @@ from cartlib.data import load_dataset
 from cartlib.data.augment import Crop, crop_pil, view
 from cartlib.data.stream import ItemSource, StepSampler, StepStream, source_for
 from cartlib.data.synthetic import make_image_folder
+from cartlib.launch import FULL_SCALE_ON_CPU
 from cartlib.shards import ShardError, TokenShards
 
 TOK = {"channels": 8, "ch_mult": [1, 2], "latent_channels": 4, "codebook_size": 32,
        "base_patch_nums": [1, 2, 4, 8], "batch_size": 8, "steps": 2, "ckpt_every": 100}  # fmt: skip
 AR = {"depth": 1, "width": 32, "heads": 2, "steps": 3, "batch_size": 8, "ckpt_every": 100}
+LAYOUT_TOLERANCE = 5e-5  # tests/test_layout.py's: max |parameter difference| after 3 steps, fp32
 VAR_AUG = {"mid_ratio": 1.125, "random_crop": True, "hflip": True}
 
 
@@ -269,3 +273,83 @@ def test_peak_memory_does_not_grow_with_the_dataset(tmp_path):
     growth = {s: peaks[4 * n][s] - peaks[n][s] for s in peaks[n]}
     print("peak RSS MiB", peaks, "growth", growth)
     assert all(g < RSS_BOUND_MIB for g in growth.values()), (peaks, growth)
+
+
+# ------------------------------------------------------------------ several machines, localhost
+def _node_env(**extra) -> dict:
+    """One CPU thread per process, no GPU, the venv's ``accelerate`` on PATH, the full-scale
+    code path allowed on CPUs."""
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    return {**os.environ, "PATH": path, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "",
+            FULL_SCALE_ON_CPU: "1", **extra}  # fmt: skip
+
+
+def _run_machines(commands: list[list[str]], envs: list[dict], timeout=600) -> None:
+    """Start one command per "machine" at once (each must be up for the rendezvous)."""
+    procs = [subprocess.Popen(c, env=e, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for c, e in zip(commands, envs)]  # fmt: skip
+    outs = [p.communicate(timeout=timeout)[0] for p in procs]
+    for p, out in zip(procs, outs):
+        assert p.returncode == 0, out[-4000:]
+
+
+def test_two_machines_on_localhost_train_as_one_process_does(run, monkeypatch):
+    """A full-scale-shaped run (depth 12, so `train-ar` plans it as a cluster run; width 32) on
+    2 machines x 1 process, started exactly as the plan prints it, and by the SLURM script's task
+    command with SLURM_NODEID set by hand: both train to the last step and end where one
+    process ends, within tests/test_layout.py's tolerance. (Every rank of a multi-node launch
+    used to plan 2 processes on its one machine, find 1 GPU "missing" and exit 3.)"""
+    from cartlib.cluster import Cluster
+    from cartlib.launch import plan_ar
+    from cartlib.train.checkpoints import load_latest
+
+    base = run["base"]
+    full = run["cfg"].updated(
+        ar={"depth": 12, "lr": 0.5, "warmup": 1, "cond_drop": 0.5}, num_processes=2
+    )
+    tok_dir = train.tokenizer_dir(base / "ref", full)
+    for name in ("one", "nodes", "slurm"):  # the same tokenizer and shards in each run dir
+        shutil.copytree(tok_dir, train.tokenizer_dir(base / name, full))
+    save_config(full, base / "full.yaml")
+    monkeypatch.setenv(FULL_SCALE_ON_CPU, "1")
+    assert (
+        main(["train-ar", "--config", str(base / "full.yaml"), "--run-dir", str(base / "one")]) == 0
+    )
+
+    for name in ("nodes", "slurm"):
+        cluster = Cluster(2, num_machines=2, main_process_ip="127.0.0.1",
+                          main_process_port=free_port())  # fmt: skip
+        plan = plan_ar(full, base / name, cluster)
+        assert plan.mode == "launch" and plan.problems == [], plan.summary()
+        if name == "nodes":  # the printed per-machine commands, as they are
+            commands = [shlex.split(c) for c in plan.node_commands]
+            envs = [_node_env(), _node_env()]
+        else:  # what srun runs on each node of the batch script
+            srun = next(
+                x for x in plan.slurm_script.read_text().splitlines() if x.startswith("srun")
+            )
+            commands = [["bash", "-c", shlex.split(srun)[-1]]] * 2
+            envs = [_node_env(SLURM_NODEID=str(r), MASTER_ADDR="127.0.0.1") for r in (0, 1)]
+        _run_machines(commands, envs)
+
+    tok = run["tok"]
+    weights = {n: train.load_ar(train.ar_dir(base / n, full), tok).state_dict()
+               for n in ("one", "nodes", "slurm")}  # fmt: skip
+    init = _initial_ar(full, tok, train.ar_dir(base / "one", full))
+    moved = max((weights["one"][k] - v).abs().max().item() for k, v in init.items())
+    for name in ("nodes", "slurm"):
+        state, _ = load_latest(train.ar_dir(base / name, full))
+        assert state["step"] == full.ar.steps and len(state["rng_ranks"]) == 2  # 2 processes
+        diff = max((weights[name][k] - v).abs().max().item() for k, v in weights["one"].items())
+        print(f"{name}: 2 machines vs 1 process, {full.ar.steps} steps: max |diff| {diff:.3g}")
+        assert diff < LAYOUT_TOLERANCE < moved / 100
+
+
+def _initial_ar(cfg, tok, folder: Path) -> dict:
+    """The transformer's weights before training (every process builds them from ar.seed)."""
+    from cartlib.model import build_model
+
+    torch.manual_seed(cfg.ar.seed)
+    return build_model(
+        cfg, tok.schedule, int((folder / "num_classes.txt").read_text())
+    ).state_dict()
