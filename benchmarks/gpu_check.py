@@ -119,7 +119,7 @@ def ar_row(cfg, device, batch, repeat, amp, mode):
     level_ids = sched.level_ids().to(device)
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp and mode != "fsdp"):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):  # as train_ar
             logits = model(labels, inputs)
         loss, _, _ = ar_loss(logits, targets, level_ids, sched.n_steps)
         opt.zero_grad(set_to_none=True)
@@ -138,7 +138,7 @@ def ar_row(cfg, device, batch, repeat, amp, mode):
         world=1,
         fsdp=mode == "fsdp",
         checkpointing=mode == "ckpt",
-        act_bytes=2 if amp else 4,
+        precision="bf16" if amp else "no",
     )
     return {
         "tokens/s": batch * sched.seq_len / s,

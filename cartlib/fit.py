@@ -14,23 +14,40 @@ that fits a stated memory (``gpu_mem_gib``): no checkpointing and no sharding if
 micro-batch of at least :data:`MIN_MICRO_BATCH`, then sharding, then checkpointing, then both;
 within a layout the largest micro-batch that fits and divides the per-GPU batch.
 
-The activation model is Korthikanti et al. 2022 ("Reducing activation recomputation", Table 2) for
-a pre-norm block with fused (flash) attention: ~34 bytes per token and width unit per layer in
-16-bit, plus VAR's adaLN (6 extra width-sized modulated copies are folded into the 34) and the
-logits (bf16 logits, fp32 log-softmax for the cross-entropy: 6 bytes per token and vocabulary
-entry). It is validated against measured peaks on a CPU in tests/test_fit.py and on a GPU by
-benchmarks/gpu_check.py.
+The activation term is measured, not assumed: :func:`block_bytes_per_token_width` counts the bytes
+autograd saves for backward in one transformer block (``torch.autograd.graph.saved_tensors_hooks``,
+each storage once, the difference between batch 2 and batch 1 so that weights and the mask drop
+out) with the presets' block options (L2-normalised attention, stochastic depth, adaLN) and fused
+attention, as on GPUs; :data:`ACT_BYTES_PER_TOKEN_WIDTH` holds the result under bf16 autocast and
+in fp32, and tests/test_fit.py repeats the measurement. Under bf16 autocast the residual stream,
+LayerNorm outputs and normalised q/k stay fp32, which is why it is ~1.6x Korthikanti et al.'s
+34 bytes for an all-16-bit block. Around it: the logits (:data:`LOGIT_BYTES` per token and
+vocabulary entry at the backward's peak), DDP's gradient buckets, the gradients FSDP keeps
+unsharded while micro-batches accumulate, and two gathered blocks under FSDP. The estimate is
+checked against a measured CPU peak (tests/test_fit.py) and ``torch.cuda.max_memory_allocated``
+(benchmarks/gpu_check.py).
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
+
+from cartlib.config import load_preset
+from cartlib.model.transformer import Block
+
 GIB = 2**30
 MIN_MICRO_BATCH = 8  # below this a GPU runs inefficiently: prefer sharding/checkpointing first
 HEADROOM = 0.9  # plan to at most this share of the GPU (allocator fragmentation, CUDA context)
-ACT_BYTES_PER_TOKEN_WIDTH = 34  # per layer, 16-bit activations (Korthikanti et al. 2022)
+# bytes autograd saves per token and width unit in one block, by precision: measured with
+# block_bytes_per_token_width at width 128 and 512 tokens (tests/test_fit.py repeats it)
+ACT_BYTES_PER_TOKEN_WIDTH = {"bf16": 54.4, "no": 92.5}
+# the logits at the backward's peak, per token and vocabulary entry: the fp32 logits and the
+# log-softmax the loss keeps (4 + 4), the gradient of each (4 + 4)
+LOGIT_BYTES = 16
 STATE_BYTES_PER_PARAM = 16  # fp32 weights + fp32 gradients + AdamW's two fp32 moments
+DDP_BUCKET_BYTES_PER_PARAM = 4  # DDP all-reduces from a flat fp32 copy of the gradients
 
 
 @dataclass(frozen=True)
@@ -60,22 +77,76 @@ def training_memory(
     world: int = 1,
     fsdp: bool = False,
     checkpointing: bool = False,
-    act_bytes: int = 2,
+    precision: str = "bf16",
+    accumulation: int = 1,
 ) -> dict[str, float]:
     """Estimated peak bytes per GPU of one training step, by part (and ``"total"``).
 
-    ``act_bytes``: 2 for bf16/fp16 activations, 4 for fp32 (CPU tests without autocast)."""
+    ``precision``: ``bf16`` (autocast, the GPUs' setting; fp16 saves the same) or ``no`` (fp32,
+    CPU tests). ``accumulation``: micro-batches per optimizer step (under FSDP the gradients stay
+    unsharded until the last one)."""
+    act = ACT_BYTES_PER_TOKEN_WIDTH["no" if precision == "no" else "bf16"]
     state = STATE_BYTES_PER_PARAM * n_params / (world if fsdp else 1)
-    per_layer = ACT_BYTES_PER_TOKEN_WIDTH / 2 * act_bytes * micro_batch * seq_len * width
-    if checkpointing:  # block inputs kept for every layer, one layer's activations live
-        acts = depth * act_bytes * micro_batch * seq_len * width + per_layer
+    per_layer = act * micro_batch * seq_len * width
+    if checkpointing:  # block inputs (the fp32 residual stream) kept per layer, one layer live
+        acts = depth * 4 * micro_batch * seq_len * width + per_layer
     else:
         acts = depth * per_layer
-    logits = (act_bytes + 4) * micro_batch * seq_len * vocab
-    gathered = 2 * 2 * n_params / depth if fsdp else 0.0  # two blocks unsharded in bf16 at once
-    parts = {"state": state, "activations": acts, "logits": logits, "gathered": gathered}
+    logits = LOGIT_BYTES * micro_batch * seq_len * vocab
+    half = 4 if precision == "no" else 2
+    gathered = 2 * half * n_params / depth if fsdp else 0.0  # two blocks unsharded at once
+    if fsdp:  # no-sync micro-batches accumulate unsharded gradients (in the compute dtype)
+        buffers = half * n_params if accumulation > 1 else 0.0
+    else:
+        buffers = DDP_BUCKET_BYTES_PER_PARAM * n_params if world > 1 else 0.0
+    parts = {"state": state, "activations": acts, "logits": logits, "gathered": gathered,
+             "grad_buffers": buffers}  # fmt: skip
     parts["total"] = sum(parts.values())
     return parts
+
+
+def saved_bytes(fn, exclude: set[int] = frozenset()) -> tuple[int, object]:
+    """(bytes of the tensors autograd saves for backward while ``fn()`` runs, each storage
+    counted once and storages whose address is in ``exclude`` not at all; ``fn``'s result)."""
+    seen: dict[int, int] = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in exclude:
+            seen[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        out = fn()
+    return sum(seen.values()), out
+
+
+def block_bytes_per_token_width(
+    width: int = 128, seq_len: int = 512, precision: str = "bf16", preset: str = "cart-d30-256",
+    device: str = "cpu",
+) -> float:  # fmt: skip
+    """Bytes autograd saves per token and width unit for one transformer block of ``preset``'s
+    options (attention normalisation, stochastic depth, adaLN) at ``width``, in training mode,
+    under ``precision`` (bf16 autocast or fp32), with fused attention (SDPA) as on GPUs: the
+    difference between a batch of 2 and of 1, so that weights and the mask do not count."""
+    a = load_preset(preset).ar
+    torch.manual_seed(0)
+    heads = max(1, width // 64)
+    block = Block(width, heads, a.mlp_ratio, a.dropout, a.attn_l2_norm, a.drop_path_rate or 0.1)
+    block = block.to(device).train()
+    block.attn.cpu_bf16_explicit = False  # fused attention, as on GPUs
+    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
+    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
+    dtype = torch.bfloat16 if precision in ("bf16", "fp16") else None
+
+    def measure(batch: int) -> int:
+        x = torch.randn(batch, seq_len, width, device=device, requires_grad=True)
+        cond = torch.randn(batch, width, device=device, requires_grad=True)
+        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
+            n, _ = saved_bytes(lambda: block(x, cond, mask), weights)
+        return n
+
+    return (measure(2) - measure(1)) / (seq_len * width)
 
 
 def _divisors_desc(n: int) -> list[int]:
@@ -106,7 +177,10 @@ def choose_fit(
         if fsdp and world == 1:
             continue  # nothing to shard over
         for b in _divisors_desc(local):
-            peak = training_memory(n_params, depth, width, seq_len, vocab, b, world, fsdp, ckpt)
+            peak = training_memory(
+                n_params, depth, width, seq_len, vocab, b, world, fsdp, ckpt,
+                accumulation=local // b,
+            )  # fmt: skip
             if peak["total"] <= budget:
                 fit = Fit(b, local // b, fsdp, ckpt, peak["total"] / GIB)
                 if b >= min(MIN_MICRO_BATCH, local):
@@ -115,7 +189,9 @@ def choose_fit(
                 break
     if best is not None:
         return best
-    one = training_memory(n_params, depth, width, seq_len, vocab, 1, world, world > 1, True)
+    one = training_memory(
+        n_params, depth, width, seq_len, vocab, 1, world, world > 1, True, accumulation=local
+    )
     raise ValueError(
         f"even micro-batch 1 with sharding and checkpointing needs ~{one['total'] / GIB:.0f} GiB "
         f"per GPU (parameter state {one['state'] / GIB:.0f} GiB over {world} GPU(s)), more than "

@@ -131,7 +131,10 @@ def plan_ar(
     launched into (:meth:`Cluster.from_env`: inside a rank of a multi-node launch), else one
     machine with ``cfg.num_processes`` processes. ``write``: write the launch config and the
     SLURM script into ``run_dir`` (not from inside launched ranks: they read them)."""
-    cluster = cluster or Cluster.from_env() or Cluster(cfg.num_processes)
+    launched = Cluster.from_env() if cluster is None else None
+    if launched is not None:  # inside a rank: the launch decides the count (a step is the same)
+        cluster, cfg = launched, cfg.updated(num_processes=launched.num_processes)
+    cluster = cluster or Cluster(cfg.num_processes)
     if cluster.num_processes != cfg.num_processes:
         raise ValueError(
             f"the cluster runs {cluster.num_processes} processes, the config "
@@ -148,10 +151,12 @@ def plan_ar(
         if fit is not None:
             layout = {"micro_batch": fit.micro_batch, "fsdp": fit.fsdp}
             cfg = cfg.updated(ar={**layout, "grad_ckpt": fit.checkpointing})
-    local = cfg.ar.micro_batch or max(1, cfg.ar.batch_size // cfg.num_processes)
+    local = max(1, cfg.ar.batch_size // cfg.num_processes)
+    micro = min(cfg.ar.micro_batch or local, local)
     peak = training_memory(
         n_params, cfg.ar.depth, cfg.ar.model_width, schedule.seq_len,
-        cfg.tokenizer.codebook_size, local, cfg.num_processes, cfg.ar.fsdp, cfg.ar.grad_ckpt,
+        cfg.tokenizer.codebook_size, micro, cfg.num_processes, cfg.ar.fsdp, cfg.ar.grad_ckpt,
+        precision="no" if cfg.mixed_precision == "no" else "bf16", accumulation=local // micro,
     )["total"] / GIB  # fmt: skip
     if cfg.data.dataset == "imagefolder" and not cfg.data.root:
         problems.append(

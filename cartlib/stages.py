@@ -250,6 +250,17 @@ def _write_png(path: Path, image: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def sampling_precision(cfg, device: torch.device) -> str | None:
+    """The 16-bit precision the transformer samples in on ``device`` (autocast), or None for
+    fp32: on GPUs the run's bf16/fp16 (a 2B-parameter model samples ~3x slower in fp32); on
+    CPUs fp32 whatever they train in, so that samples of the shipped models are the same on
+    every CPU."""
+    return cfg.precision if device.type == "cuda" and cfg.precision in HALF else None
+
+
 @torch.no_grad()
 def sample_images(
     cfg,
@@ -281,6 +292,9 @@ def sample_images(
     tok, model = (m.to(state.device) for m in models)
     kw = cfg.sample.generate_kwargs()
     settings = {"per_class": per_class, "batch": batch, "seed": seed, **kw}
+    half = sampling_precision(cfg, state.device)
+    if half is not None:
+        settings["autocast"] = half  # other samples: another folder
     folder = sample_folder(cfg, run_dir, settings)
     png = folder / "png"
     png.mkdir(parents=True, exist_ok=True)
@@ -291,8 +305,11 @@ def sample_images(
     todo = [c for c in mine if not all(p.exists() for p in paths(c))]
     for c in tqdm(todo, desc="sampling", unit="batch", disable=not progress):
         labels = torch.arange(c, min(n, c + batch)) % nc
-        gen = generate(model, tok, labels, seed=hash_seed(seed, c // batch), **kw)
-        images = (gen.images * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        with torch.autocast(state.device.type, dtype=HALF.get(half), enabled=half is not None):
+            gen = generate(model, tok, labels, seed=hash_seed(seed, c // batch), **kw)
+        images = (
+            (gen.images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        )
         for path, image in zip(paths(c), images, strict=True):
             _write_png(path, image)
     state.wait_for_everyone()

@@ -59,7 +59,14 @@ def main(ckpt: bool, batch: int, depth: int, width: int) -> dict:
     step()
     measured = resident("VmHWM") - base
     est = training_memory(
-        model.num_params(), depth, width, sched.seq_len, v, batch, checkpointing=ckpt, act_bytes=4
+        model.num_params(),
+        depth,
+        width,
+        sched.seq_len,
+        v,
+        batch,
+        checkpointing=ckpt,
+        precision="no",
     )
     step_est = est["activations"] + est["logits"]
     return {"measured": measured, "estimate": step_est, "ratio": measured / step_est}

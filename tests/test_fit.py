@@ -5,7 +5,14 @@ from __future__ import annotations
 
 import pytest
 
-from cartlib.fit import GIB, HEADROOM, choose_fit, training_memory
+from cartlib.fit import (
+    ACT_BYTES_PER_TOKEN_WIDTH,
+    GIB,
+    HEADROOM,
+    block_bytes_per_token_width,
+    choose_fit,
+    training_memory,
+)
 
 D30 = {"n_params": 2_012_000_000, "depth": 30, "width": 1920, "seq_len": 2066, "vocab": 4096}
 
@@ -35,6 +42,7 @@ def test_chosen_layout_keeps_the_global_batch_and_fits(world, mem, batch):
         world=world,
         fsdp=fit.fsdp,
         checkpointing=fit.checkpointing,
+        accumulation=fit.accumulation,
     )
     assert mb["total"] / GIB == pytest.approx(fit.peak_gib)
 
@@ -42,7 +50,9 @@ def test_chosen_layout_keeps_the_global_batch_and_fits(world, mem, batch):
 def test_smaller_gpus_get_sharding_or_checkpointing_and_impossible_fits_say_so():
     big = choose_fit(**D30, global_batch=768, world=16, gpu_mem_gib=80)
     small = choose_fit(**D30, global_batch=768, world=16, gpu_mem_gib=40)
-    assert not big.fsdp and small.fsdp  # 2B params x 16 B = 30 GiB of state: shard it on 40 GB
+    # 2B params x 16 B = 30 GiB of state + 7.5 GiB of DDP buckets: sharded from 80 GB down
+    assert big.fsdp and not big.checkpointing and big.micro_batch >= 8
+    assert small.fsdp and small.peak_gib < big.peak_gib
     with pytest.raises(ValueError, match="does not split evenly over 7 GPUs"):
         choose_fit(**D30, global_batch=768, world=7, gpu_mem_gib=80)
     with pytest.raises(ValueError, match="use more GPUs or larger ones"):
@@ -70,3 +80,29 @@ def test_memory_estimate_holds_against_a_measured_cpu_peak(checkpointing):
     ).stdout
     m = json.loads(out.strip().splitlines()[-1])
     assert 1 / 1.5 < m["ratio"] < 1.5, m
+
+
+@pytest.mark.parametrize("precision", ["bf16", "no"])
+def test_activation_constant_is_what_autograd_saves(precision):
+    """The constant the layouts are chosen with is a measurement, repeated here: the bytes
+    autograd saves per token and width unit in one block (preset d30's options, fused
+    attention), the same at another width and sequence length (it is per token and width)."""
+    measured = block_bytes_per_token_width(128, 512, precision)
+    other = block_bytes_per_token_width(64, 256, precision)
+    print(
+        f"{precision}: {measured:.2f} bytes per token x width (width 64, 256 tokens: {other:.2f})"
+    )
+    assert measured == pytest.approx(ACT_BYTES_PER_TOKEN_WIDTH[precision], rel=0.01)
+    assert other == pytest.approx(measured, rel=0.05)
+    assert measured > 34  # more than an all-16-bit block (Korthikanti et al.): fp32 residuals
+
+
+def test_gradient_buffers_are_counted():
+    """DDP's flat gradient buckets on several GPUs; under FSDP the unsharded gradients that
+    no-sync micro-batches accumulate."""
+    one = training_memory(**D30, micro_batch=8)
+    ddp = training_memory(**D30, micro_batch=8, world=16)
+    assert one["grad_buffers"] == 0 and ddp["grad_buffers"] == 4 * D30["n_params"]
+    fsdp = training_memory(**D30, micro_batch=8, world=16, fsdp=True)
+    accumulating = training_memory(**D30, micro_batch=8, world=16, fsdp=True, accumulation=6)
+    assert fsdp["grad_buffers"] == 0 and accumulating["grad_buffers"] == 2 * D30["n_params"]

@@ -227,21 +227,40 @@ class ImageFolderDataset(Dataset):
             )
 
 
-def _scan(items: list, limit: int | None, progress: bool) -> tuple[list, list]:
-    """Header-check items in order until ``limit`` good ones: (good items, [(path, reason)])."""
-    good, bad, pos = [], [], 0
+_SCANNED: dict[tuple, tuple[list, list]] = {}  # listing -> scan result, within this process
+
+
+def _check_files(items: list, progress: bool) -> list[str | None]:
+    """The header check of every item (None = readable), on a thread pool."""
     with ThreadPoolExecutor(min(16, 4 * (os.cpu_count() or 1))) as pool:
-        bar = tqdm(total=limit or len(items), desc="checking images", disable=not progress)
-        while pos < len(items) and (limit is None or len(good) < limit):
-            chunk = items[pos : pos + (len(items) if limit is None else limit - len(good))]
-            pos += len(chunk)
-            for item, err in zip(chunk, pool.map(_verify, [p for p, _ in chunk]), strict=True):
-                if err is None:
-                    good.append(item)
-                else:
-                    bad.append((item[0], err))
-            bar.update(len(chunk))
+        bar = tqdm(total=len(items), desc="checking images", disable=not progress)
+        errors = []
+        for err in pool.map(_verify, [p for p, _ in items]):
+            errors.append(err)
+            bar.update()
         bar.close()
+    return errors
+
+
+def _scan(items: list, limit: int | None, progress: bool) -> tuple[list, list]:
+    """Header-check items in order until ``limit`` good ones: (good items, [(path, reason)]).
+    A listing already checked in this process is not checked again (a stage that checks its
+    data root first, then trains from it)."""
+    key = (tuple(items), limit)
+    if key in _SCANNED:
+        good, bad = _SCANNED[key]
+        return list(good), list(bad)
+    good, bad, pos = [], [], 0
+    while pos < len(items) and (limit is None or len(good) < limit):
+        chunk = items[pos : pos + (len(items) if limit is None else limit - len(good))]
+        pos += len(chunk)
+        for item, err in zip(chunk, _check_files(chunk, progress), strict=True):
+            if err is None:
+                good.append(item)
+            else:
+                bad.append((item[0], err))
+    _SCANNED.clear()  # one listing kept: ImageNet's is ~100 MB of paths
+    _SCANNED[key] = (list(good), list(bad))
     return good, bad
 
 
@@ -277,5 +296,6 @@ def imagefolder(split, resolution, root, limit, bad_files, download, progress):
             f"skipped {len(bad)} unreadable image file(s) under {root}: {names}", stacklevel=3
         )
     files = [p for p, _ in good]
-    labels = [classes.index(c) for _, c in good]
+    index = {c: i for i, c in enumerate(classes)}
+    labels = [index[c] for _, c in good]
     return ImageFolderDataset(root, split, resolution, files, labels, classes, bad_files, bad)
