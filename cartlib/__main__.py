@@ -133,10 +133,23 @@ def main(argv: list[str] | None = None) -> int:
         make_image_folder(args.root, args.images, args.val_images, args.classes, seed=args.seed)
         return 0
     try:
-        return _stage(args)
+        code = _stage(args)
     except USER_ERRORS as e:
         print(f"cartlib {args.command}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
+    _leave_process_group()
+    return code
+
+
+def _leave_process_group() -> None:
+    """Under a launcher, once every process has finished its stage: close the process group
+    (gloo's threads left running at interpreter exit sometimes abort a process that had
+    finished its work, and then the launch fails)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -7,8 +7,8 @@ on so that each rank's RNG matters), checkpointing every step. Used by tests/tes
 
 It also records, per run, the dtypes that matter at scale: the logits reaching the loss, the loss
 itself, the gradients as computed and the dtype FSDP reduce-scatters them in (by wrapping torch's
-``foreach_reduce``, the call every FSDP2 gradient reduction goes through), and how many distinct
-RNG states the ranks end with.
+``foreach_reduce``, the call every FSDP2 gradient reduction goes through), how many distinct
+RNG states the ranks end with, and the process group's collective timeout.
 """
 
 from __future__ import annotations
@@ -73,8 +73,10 @@ def main(out: str, *runs: str) -> None:
         results[run_dir] = {
             "params": model.state_dict(), "loss": losses, "dtypes": dtypes, "streams": distinct
         }  # fmt: skip
+    backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
+    timeout = backend.options._timeout.total_seconds()  # how long a collective may wait
     if dist.get_rank() == 0:
-        torch.save({"runs": results, "processes": dist.get_world_size()}, out)
+        torch.save({"runs": results, "processes": dist.get_world_size(), "timeout_s": timeout}, out)
 
 
 if __name__ == "__main__":

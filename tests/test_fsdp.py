@@ -20,6 +20,7 @@ from layout_probe import setup
 from torch import nn
 from torch.distributed.fsdp import fully_shard
 
+from cartlib.io import DIST_TIMEOUT
 from cartlib.model import build_model
 from cartlib.train import build_optimizer, load_ar, load_latest, train_ar
 from cartlib.train import sharded as sharded_mod
@@ -67,6 +68,7 @@ def test_fsdp_run_stopped_and_resumed_matches_and_its_export_loads_without_a_pro
     accelerate_launch([PROBE, tmp_path / "b.pt", *resume], 2)  # a new launch resumes
     first, second = torch.load(tmp_path / "a.pt"), torch.load(tmp_path / "b.pt")
     assert first["processes"] == second["processes"] == 2
+    assert first["timeout_s"] == DIST_TIMEOUT.total_seconds() == 7200  # not NCCL's 10 minutes
     ref, resumed = first["runs"][str(whole)], second["runs"][str(stopped)]
     assert sorted(first["runs"][str(stopped)]["loss"]) == [0, 1]  # it stopped after 2 steps
     assert resumed["loss"][2] == ref["loss"][2]  # the next step after resuming, bit for bit

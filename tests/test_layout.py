@@ -47,6 +47,8 @@ def test_whole_batch_accumulation_and_two_processes_give_the_same_parameters(tmp
     print(f"max |parameter difference| after 3 steps: moved {moved:.3g}, {diffs}")
     assert max(diffs.values()) < TOLERANCE, diffs
     assert whole["loss"] == pytest.approx(accumulated["loss"], rel=1e-5)
+    # the logged loss is the whole batch's, averaged over the processes (not rank 0's half)
+    assert whole["loss"] == pytest.approx(two["loss"], rel=1e-5)
 
 
 def _init() -> dict:

@@ -177,3 +177,28 @@ def test_progress_bar_redraws_are_rate_limited_not_per_step(tmp_path, capsys):
     )
     redraws = capsys.readouterr().err.count("\r")
     assert 1 <= redraws <= 20, redraws
+
+
+def test_history_stays_bounded_on_long_runs_and_covers_every_step(tmp_path, monkeypatch):
+    """Beyond MAX_HISTORY steps one entry per interval, the mean of its steps (the history is in
+    every checkpoint: at 250k steps one entry per step would make each ~100 MB); a resumed run
+    ends with the history an uninterrupted one has."""
+    from cartlib.train import loop
+    from cartlib.train.loop import make_accelerator, run_loop
+
+    monkeypatch.setattr(loop, "MAX_HISTORY", 4)
+
+    def go(folder, stop=None):
+        lin = torch.nn.Linear(2, 1)
+        return run_loop(
+            accelerator=make_accelerator(), modules={"lin": lin}, optimizers={}, schedulers={},
+            step_fn=lambda step: {"loss": float(step)}, total_steps=10, ckpt_dir=folder,
+            ckpt_every=3, stop_after=stop, progress=False,
+        )  # fmt: skip
+
+    history = go(tmp_path / "a")
+    assert len(history) <= 2 * 4  # intervals of ceil(10 / 4) = 3 steps, cut at checkpoints
+    assert [h["step"] for h in history] == [2, 5, 8, 9]
+    assert [h["loss"] for h in history] == [1.0, 4.0, 7.0, 9.0]  # each interval's mean
+    go(tmp_path / "b", stop=6)
+    assert go(tmp_path / "b") == history
