@@ -106,6 +106,13 @@ def check_shard(folder: Path, shard: Shard, expect: dict) -> str | None:
     if rec.get("tokenizer") != expect["tokenizer"]:
         return (f"it was extracted with another tokenizer (hash {rec.get('tokenizer')}, this one "
                 f"is {expect['tokenizer']})")  # fmt: skip
+    for k, what in (("dataset", "dataset"), ("items", "list of images")):
+        if k in rec and k in expect and rec[k] != expect[k]:  # (older records lack items)
+            return (
+                f"the {what} changed since it was extracted ({rec[k]}, now {expect[k]}): its "
+                "rows would encode other images than their positions say; rebuild every shard "
+                f"(rm -r {folder})"
+            )
     want = {
         "start": shard.start,
         "count": shard.count,
@@ -214,6 +221,16 @@ class TokenShards:
             labels.append(np.load(labels_path))
         self._arrays = arrays
         self.labels = torch.from_numpy(np.concatenate(labels).astype(np.int64))
+        self.codebook_size = m.get("codebook_size")
+        bad = (self.labels < 0) | (self.labels >= self.num_classes)
+        if bad.any():
+            i = int(bad.nonzero()[0, 0])
+            shard = self.shards[i // self.shard_size]
+            raise shard_error(
+                self.folder, shard, f"label {int(self.labels[i])} of image {i} is not one of "
+                f"the {self.num_classes} classes (a damaged file)", rebuild,
+            )  # fmt: skip
+        self.rebuild = rebuild
 
     def __len__(self) -> int:
         return len(self.labels)
@@ -226,4 +243,8 @@ class TokenShards:
         for k in np.unique(shard):
             sel = shard == k
             out[sel] = self._arrays[k][local[sel], view[sel]]
+            if self.codebook_size is not None and out[sel].max() >= self.codebook_size:
+                reason = (f"it holds token {int(out[sel].max())}, beyond the codebook's "
+                          f"{self.codebook_size} codes (a damaged file)")  # fmt: skip
+                raise shard_error(self.folder, self.shards[k], reason, self.rebuild)
         return torch.from_numpy(out.astype(np.int64))

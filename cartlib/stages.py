@@ -160,6 +160,8 @@ def _meta(cfg, tokenizer, source: ItemSource, split: str) -> dict:
         "augment": {"mid_ratio": d.mid_ratio, "resolution": d.resolution},
         "tokenizer": tokenizer_hash(tokenizer),
         "shard_size": d.shard_size,
+        # which images, in order: an image folder changed since extraction is refused
+        "items": getattr(source.dataset, "items_signature", lambda: source.key)(),
     }
 
 

@@ -374,3 +374,43 @@ def test_gpus_sample_in_the_runs_16_bit_precision_into_their_own_folder(run, mon
     assert half != plain and json.loads((half / "manifest.json").read_text())["autocast"] == "bf16"
     a, b = np.load(plain / "samples.npz")["arr_0"], np.load(half / "samples.npz")["arr_0"]
     assert a.shape == b.shape and b.dtype == np.uint8 and b.std() > 0
+
+
+def test_shards_of_a_changed_image_folder_are_refused_not_mixed(run, tmp_path):
+    """Images added to (or renamed in) the folder after extraction: extracting again must not
+    keep the old shards and encode the new positions in the rest (it did: 44 of 250 images never
+    encoded, 44 twice, labels of 158 rows wrong, rc 0)."""
+    root = tmp_path / "images"
+    shutil.copytree(run["root"], root)
+    cfg = scale_cfg(root)
+    stages.extract_shards(cfg, tmp_path / "run", run["tok"], progress=False)
+    cls = sorted(p for p in (root / "train").iterdir() if p.is_dir())[0]
+    first = sorted(cls.iterdir())[0]
+    renamed = first.with_name("zz-" + first.name)
+    first.rename(renamed)  # same count, another order
+    with pytest.raises(ShardError, match=r"list of images changed since it was extracted"):
+        stages.extract_shards(cfg, tmp_path / "run", run["tok"], progress=False)
+    shutil.copy(renamed, cls / "added.png")  # one more image: another dataset key too
+    with pytest.raises(ShardError, match=r"(dataset|list of images) changed.*rm -r"):
+        stages.extract_shards(cfg, tmp_path / "run", run["tok"], progress=False)
+
+
+def test_damaged_token_or_label_values_name_their_shard(run, tmp_path):
+    """A flipped high bit in a token, a label out of range: an error naming the shard and how
+    to rebuild it, not an IndexError inside F.embedding at some later step."""
+    folder = shutil.copytree(run["shards"].folder, tmp_path / "tokens-train")
+    tokens_path = folder / "shard-00001.npy"
+    arr = np.load(tokens_path, mmap_mode="r+")
+    arr[0, 0, 5] ^= 0x8000
+    arr.flush()
+    del arr
+    shards = TokenShards(folder)
+    n = len(shards)
+    with pytest.raises(ShardError, match=r"shard-00001.*beyond the codebook's 32 codes"):
+        shards.rows(torch.arange(n), torch.zeros(n, dtype=torch.long))
+    labels_path = folder / "shard-00002.labels.npy"
+    labels = np.load(labels_path)
+    labels[1] += 1000
+    np.save(labels_path, labels)
+    with pytest.raises(ShardError, match=r"shard-00002.*label 100[0-9] of image .* classes"):
+        TokenShards(folder)

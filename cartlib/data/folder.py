@@ -187,6 +187,13 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self._rel)
 
+    def items_signature(self) -> str:
+        """sha1 of which files the split holds, in order, with their labels (no file is read or
+        stat'ed): an image added, removed, renamed or moved to another class changes it."""
+        h = hashlib.sha1(b"\0".join(self._rel.tolist()))
+        h.update(self.labels.tobytes())
+        return h.hexdigest()[:16]
+
     def content_signature(self, n: int) -> str:
         """sha1 of the path, size and mtime_ns of every file (keys the decomposition cache: an
         image edited, replaced or touched since changes it). ``n`` is ignored: a bad file's item
