@@ -11,14 +11,15 @@ Stages of a full-scale run (each resumes what a killed run left)::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 
-from cartlib import hardware, launch, runs, shipped, stages
+from cartlib import hardware, launch, runs, shipped, stages, train
 from cartlib.config import load_config, load_preset
 from cartlib.data import BadFileError, DatasetUnavailableError, check_dataset
 from cartlib.data.stream import source_for
 from cartlib.data.synthetic import make_image_folder
-from cartlib.io import DiskFullError, LockTimeout
+from cartlib.io import DiskFullError, LockTimeout, dir_lock
 from cartlib.series import run_series
 from cartlib.shards import ShardError
 from cartlib.train.probe import run_probe
@@ -90,8 +91,13 @@ def _stage(args) -> int:
         runs.ensure_tokenizer(cfg, args.run_dir)
     elif args.command == "extract-tokens":
         source = source_for(cfg.data, args.split)  # a missing or bad data root fails here, first
-        tok = stages.trained("tokenizer", cfg, runs.resolve_run_dir(args.run_dir))
-        stages.extract_shards(cfg, args.run_dir, tok, args.split, source=source)
+        run_dir = runs.resolve_run_dir(args.run_dir)
+        cfg = stages.settle("tokenizer", cfg, run_dir)  # the tokenizer's folder, any precision
+        tok = stages.trained("tokenizer", cfg, run_dir)
+        main = runs.process_state().is_main_process  # one extraction per folder at a time
+        folder = train.tokenizer_dir(run_dir, cfg)
+        with dir_lock(folder, "extract-tokens") if main else contextlib.nullcontext():
+            stages.extract_shards(cfg, run_dir, tok, args.split, source=source)
     elif args.command == "train-ar":
         plan = launch.plan_ar(cfg, args.run_dir, write=False)  # the cluster it was launched into
         if plan.mode == "explain":  # e.g. a full-scale config on a machine without GPUs

@@ -140,6 +140,23 @@ def _disk_full(e: BaseException, path: Path, need: int) -> DiskFullError | None:
     )
 
 
+def reserve(path: str | os.PathLike, nbytes: int) -> None:
+    """Allocate ``nbytes`` on disk for the existing file ``path`` (a memory-mapped file that is
+    written later: without it a full disk is a SIGBUS with no message at the first page that
+    cannot be stored). DiskFullError, naming the folder and the size, when they are not there;
+    the file is removed then."""
+    path = Path(path)
+    try:
+        fd = os.open(path, os.O_RDWR)
+        try:
+            os.posix_fallocate(fd, 0, nbytes)
+        finally:
+            os.close(fd)
+    except OSError as e:
+        path.unlink(missing_ok=True)
+        raise (_disk_full(e, path, nbytes) or e) from e
+
+
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
     """Write ``data`` to ``path`` so that a crash never leaves a half-written file there."""
     path = Path(path)

@@ -31,7 +31,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from cartlib.io import atomic_write_bytes
+from cartlib.io import atomic_write_bytes, reserve
 
 SHARD_FORMAT = 1
 TOKEN_DTYPE = np.uint16
@@ -159,6 +159,7 @@ class ShardWriter:
         self._tmp = self.paths[0].with_name(f".{self.shard.name}.npy.tmp")
         shape = (shard.count, meta["views"], meta["seq_len"])
         self.array = np.lib.format.open_memmap(self._tmp, mode="w+", dtype=TOKEN_DTYPE, shape=shape)
+        reserve(self._tmp, self._tmp.stat().st_size)  # a full disk: an error now, not a SIGBUS
         self.flat = self.array.reshape(-1, meta["seq_len"])  # (count * views, L), a view
 
     def write(self, row: int, tokens: np.ndarray) -> None:

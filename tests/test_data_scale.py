@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from pathlib import Path
 
 import numpy as np
@@ -414,3 +415,59 @@ def test_damaged_token_or_label_values_name_their_shard(run, tmp_path):
     np.save(labels_path, labels)
     with pytest.raises(ShardError, match=r"shard-00002.*label 100[0-9] of image .* classes"):
         TokenShards(folder)
+
+
+def test_extraction_on_a_full_disk_says_so_and_leaves_nothing(run, tmp_path, monkeypatch):
+    """The shard files are memory-mapped: without space reserved up front a full disk was a
+    SIGBUS (rc 135, no message) at the first page that could not be stored."""
+    import errno
+
+    from cartlib.io import DiskFullError
+
+    def no_space(fd, offset, length):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", no_space)
+    with pytest.raises(DiskFullError, match=r"no space left on .*tokens-train.*GB needed"):
+        stages.extract_shards(run["cfg"], tmp_path / "run", run["tok"], progress=False)
+    folder = train.tokenizer_dir(tmp_path / "run", run["cfg"]) / "tokens-train"
+    assert not list(folder.glob(".*.tmp"))
+
+
+HOLDER = textwrap.dedent(
+    """
+    import sys, time
+    from pathlib import Path
+    from cartlib.io import dir_lock
+    with dir_lock(Path(sys.argv[1]), "holder"):
+        Path(sys.argv[2]).write_text("held")
+        time.sleep(120)
+    """
+)
+
+
+def test_a_second_extract_tokens_on_one_run_waits_for_the_first(run, tmp_path, monkeypatch):
+    """Two `extract-tokens` on one run directory wrote the same temporary shard file; the CLI
+    now takes the tokenizer folder's lock, as ensure_tokens does."""
+    base, cfg = run["base"], run["cfg"]
+    run_dir = tmp_path / "run"
+    shutil.copytree(train.tokenizer_dir(base / "ref", cfg), train.tokenizer_dir(run_dir, cfg),
+                    ignore=shutil.ignore_patterns("tokens-*"))  # fmt: skip
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", HOLDER, str(train.tokenizer_dir(run_dir, cfg)), str(ready)]
+    )
+    try:
+        for _ in range(600):
+            if ready.exists():
+                break
+            holder.poll()
+            assert holder.returncode is None
+            time.sleep(0.05)
+        monkeypatch.setenv("CART_LOCK_TIMEOUT", "0.3")
+        args = ["extract-tokens", "--config", str(base / "config.yaml"), "--run-dir", str(run_dir)]
+        assert main(args) == 1  # LockTimeout: a user error naming the holder, nothing written
+        assert not (train.tokenizer_dir(run_dir, cfg) / "tokens-train").exists()
+    finally:
+        holder.kill()
+        holder.wait()
