@@ -15,9 +15,10 @@ range (:mod:`cartlib.ranges`; the message names the setting, its value and the a
 Notebook parameters are in :mod:`cartlib.params`.
 
 Trained artifacts are keyed by :meth:`RunConfig.artifact_key`: a hash of every setting their
-result depends on, precision and process count included, so a changed setting never reuses (or
-overwrites) a model trained under another. ``mixed_precision: auto`` (the small presets) is
-resolved for the machine's device by :mod:`cartlib.hardware`.
+result depends on, the precision included (not the process count: :data:`FIXED_IN_KEYS`), so a
+changed setting never reuses (or overwrites) a model trained under another.
+``mixed_precision: auto`` (the small presets) is resolved for the machine's device by
+:mod:`cartlib.hardware`.
 """
 
 from __future__ import annotations

@@ -123,7 +123,8 @@ def step_logs(acc, loss, grad_norm, per_loss, per_acc) -> dict[str, float]:
 
 def ar_dir(run_dir: str | Path, cfg) -> Path:
     """``ar-d<depth>-<quantizer>-o<order>-<hash>``: keyed by every setting the transformer
-    depends on (:meth:`RunConfig.artifact_key`: its tokenizer's, precision, process count)."""
+    depends on (:meth:`RunConfig.artifact_key`: its tokenizer's and the precision; not the
+    process count, which changes how a step is laid out, not what it computes)."""
     h = cfg.artifact_key("ar")
     return Path(run_dir) / f"ar-d{cfg.ar.depth}-{cfg.tokenizer.quantizer}-o{cfg.order}-{h}"
 

@@ -72,7 +72,7 @@ def tokenizer_training_data(cfg, split: str = "train", progress: bool = True, de
 
 def tokenizer_dir(run_dir: str | Path, cfg) -> Path:
     """``tokenizer-<quantizer>-o<order>-<hash of its settings>``: one folder per distinct
-    tokenizer (:meth:`RunConfig.artifact_key`: precision and process count included), so
+    tokenizer (:meth:`RunConfig.artifact_key`: the precision included, not the process count), so
     notebooks can compare several and a changed setting never reuses a stale one."""
     key = cfg.artifact_key("tokenizer")
     return Path(run_dir) / f"tokenizer-{cfg.tokenizer.quantizer}-o{cfg.order}-{key}"
