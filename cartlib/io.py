@@ -120,7 +120,7 @@ def _commit(tmp: str, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def _disk_full(e: BaseException, path: Path, need: int) -> DiskFullError | None:
+def disk_full_error(e: BaseException, path: Path, need: int) -> DiskFullError | None:
     """A DiskFullError for a failed write of ``need`` bytes to ``path``, or None if ``e`` is not
     a lack of space: ENOSPC or EDQUOT, raised as such or as the context of torch's "[enforce
     fail at inline_container.cc] unexpected pos" (what torch.save turns it into)."""
@@ -154,7 +154,7 @@ def reserve(path: str | os.PathLike, nbytes: int) -> None:
             os.close(fd)
     except OSError as e:
         path.unlink(missing_ok=True)
-        raise (_disk_full(e, path, nbytes) or e) from e
+        raise (disk_full_error(e, path, nbytes) or e) from e
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
@@ -169,7 +169,7 @@ def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
         _commit(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise (_disk_full(e, path, len(data)) or e) from e
+        raise (disk_full_error(e, path, len(data)) or e) from e
 
 
 def atomic_symlink(target: str, path: str | os.PathLike) -> None:
@@ -210,7 +210,7 @@ def atomic_torch_save(obj: Any, path: str | os.PathLike) -> str:
         _commit(tmp, path)
     except BaseException as e:
         Path(tmp).unlink(missing_ok=True)
-        raise (_disk_full(e, path, _payload_bytes(obj)) or e) from e
+        raise (disk_full_error(e, path, _payload_bytes(obj)) or e) from e
     return writer.sha.hexdigest()
 
 

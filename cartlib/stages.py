@@ -21,6 +21,7 @@ import hashlib
 import json
 import os
 import zipfile
+from io import BytesIO
 from pathlib import Path
 
 import numpy as np
@@ -35,7 +36,7 @@ from cartlib.config import ConfigError
 from cartlib.data.augment import hash_seed, view
 from cartlib.data.stream import Bases, ItemSource, batches, source_for
 from cartlib.hardware import PRECISIONS
-from cartlib.io import atomic_write_bytes, process_state, resolve_run_dir
+from cartlib.io import atomic_write_bytes, disk_full_error, process_state, resolve_run_dir
 from cartlib.sample import generate
 from cartlib.shards import (
     TOKEN_DTYPE,
@@ -247,9 +248,17 @@ def sample_folder(cfg, run_dir, settings: dict) -> Path:
 
 
 def _write_png(path: Path, image: np.ndarray) -> None:
+    """``image`` as a PNG at ``path``, whole or not at all (a temp file renamed into place; a
+    killed job's is overwritten next time, a full disk's removed and reported by folder)."""
+    buf = BytesIO()
+    Image.fromarray(image).save(buf, format="PNG")
     tmp = path.with_name(f".{path.name}.tmp")
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    try:
+        tmp.write_bytes(buf.getvalue())
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise (disk_full_error(e, path, len(buf.getvalue())) or e) from e
 
 
 HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}

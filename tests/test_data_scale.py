@@ -471,3 +471,26 @@ def test_a_second_extract_tokens_on_one_run_waits_for_the_first(run, tmp_path, m
     finally:
         holder.kill()
         holder.wait()
+
+
+def test_sampling_on_a_full_disk_names_the_folder_and_leaves_no_temp_file(run, monkeypatch):
+    """`sample` on a full disk: a DiskFullError naming the folder and the size (was a bare
+    OSError [Errno 28] naming nothing, with a temporary PNG left behind)."""
+    import errno
+
+    from cartlib.io import DiskFullError
+
+    cfg = run["cfg"]
+    runs.ensure_ar(cfg, run["base"] / "ref", progress=False)
+    write_bytes = Path.write_bytes
+
+    def full(self, data):
+        if self.name.endswith(".png.tmp"):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_bytes(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(DiskFullError, match=r"no space left on .*png.*needed to write 0000"):
+        stages.sample_images(cfg, run["base"] / "ref", per_class=1, seed=3, progress=False)
+    folders = list((run["base"] / "ref").rglob("png"))
+    assert folders and not [p for f in folders for p in f.glob(".*.tmp")]
