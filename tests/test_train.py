@@ -202,3 +202,25 @@ def test_history_stays_bounded_on_long_runs_and_covers_every_step(tmp_path, monk
     assert [h["loss"] for h in history] == [1.0, 4.0, 7.0, 9.0]  # each interval's mean
     go(tmp_path / "b", stop=6)
     assert go(tmp_path / "b") == history
+
+
+def test_an_update_that_breaks_the_weights_is_never_saved(tmp_path):
+    """The loss is checked before each update; what the last update did is checked before its
+    checkpoint is written (a NaN there made a "finished" model of NaNs, exit 0)."""
+    from cartlib.train.loop import make_accelerator, run_loop
+
+    lin = torch.nn.Linear(2, 1)
+
+    def step_fn(step):
+        if step == 3:  # the last update leaves a NaN behind
+            with torch.no_grad():
+                lin.weight[0, 0] = float("nan")
+        return {"loss": 1.0}
+
+    kw = dict(accelerator=make_accelerator(), modules={"lin": lin}, optimizers={},
+              schedulers={}, step_fn=step_fn, total_steps=4, ckpt_dir=tmp_path, ckpt_every=2,
+              progress=False)  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"not finite after step 4 \(lin.weight\).*"):
+        run_loop(**kw)
+    state, _ = train.load_latest(tmp_path)
+    assert state["step"] == 2  # the good checkpoint stays the newest

@@ -34,6 +34,7 @@ import torch.distributed as dist
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from torch import nn
+from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from cartlib import hardware
@@ -110,6 +111,28 @@ def rng_states() -> list[dict[str, Any]] | None:
     states = [None] * world
     dist.all_gather_object(states, rng_state())
     return states
+
+
+def non_finite(modules: dict[str, nn.Module]) -> str:
+    """Collective under a launcher: the first parameter of ``modules`` (unwrapped) holding a
+    NaN or an infinity on any process ("module.name"), or "" when all are finite. A checkpoint
+    is checked before it is written: the loss check before each update cannot see what the
+    last update did."""
+    found = ""
+    for module_name, module in modules.items():
+        for name, p in module.named_parameters():
+            local = p.to_local() if isinstance(p, DTensor) else p
+            if not torch.isfinite(local.detach()).all():
+                found = f"{module_name}.{name}"
+                break
+        if found:
+            break
+    rank, world = rank_world()
+    if world > 1:
+        names: list = [None] * world
+        dist.all_gather_object(names, found)
+        found = next((n for n in names if n), "")
+    return found
 
 
 def resume_rng(state: dict[str, Any]) -> None:
@@ -263,6 +286,15 @@ def run_loop(
         def save(step: int) -> None:
             """The checkpoint of ``step``: one file from the main process, plus every rank's
             shards under FSDP (then whole weights in the file only at this run's last save)."""
+            bad = non_finite(cores)  # collective: the update after the last check
+            if bad:
+                last = f"the last good checkpoint is {path}" if path.exists() else (
+                    "no checkpoint was written yet")  # fmt: skip
+                raise FloatingPointError(
+                    f"{desc}: the weights are not finite after step {step} ({bad}); nothing was "
+                    f"saved and {last}. Lower the learning rate, set mixed_precision='no', or "
+                    "check the input data for NaNs"
+                )
             state, shards = {"step": step}, None
             ranks = rng_states()  # collective: every process's RNG
             if sharded:
