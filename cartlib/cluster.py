@@ -14,6 +14,7 @@ node of the allocation as the rendezvous host).
 
 from __future__ import annotations
 
+import os
 import shlex
 from dataclasses import dataclass
 from pathlib import Path
@@ -53,8 +54,6 @@ class Cluster:
     def from_env(cls, env=None) -> Cluster | None:
         """The cluster this process was launched into (torchrun's variables, which
         ``accelerate launch`` sets in every rank), or None outside a launcher."""
-        import os
-
         env = os.environ if env is None else env
         if "WORLD_SIZE" not in env or "LOCAL_WORLD_SIZE" not in env:
             return None
