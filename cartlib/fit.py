@@ -105,9 +105,9 @@ def training_memory(
     return parts
 
 
-def saved_bytes(fn, exclude: set[int] = frozenset()) -> tuple[int, object]:
-    """(bytes of the tensors autograd saves for backward while ``fn()`` runs, each storage
-    counted once and storages whose address is in ``exclude`` not at all; ``fn``'s result)."""
+def saved_bytes(fn, exclude: set[int] = frozenset()) -> int:
+    """Bytes of the tensors autograd saves for backward while ``fn()`` runs, each storage
+    counted once and storages whose address is in ``exclude`` not at all."""
     seen: dict[int, int] = {}
 
     def pack(t):
@@ -117,8 +117,8 @@ def saved_bytes(fn, exclude: set[int] = frozenset()) -> tuple[int, object]:
         return t
 
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        out = fn()
-    return sum(seen.values()), out
+        fn()
+    return sum(seen.values())
 
 
 def block_bytes_per_token_width(
@@ -143,8 +143,7 @@ def block_bytes_per_token_width(
         x = torch.randn(batch, seq_len, width, device=device, requires_grad=True)
         cond = torch.randn(batch, width, device=device, requires_grad=True)
         with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            n, _ = saved_bytes(lambda: block(x, cond, mask), weights)
-        return n
+            return saved_bytes(lambda: block(x, cond, mask), weights)
 
     return (measure(2) - measure(1)) / (seq_len * width)
 
@@ -162,8 +161,10 @@ def choose_fit(
     global_batch: int,
     world: int,
     gpu_mem_gib: float,
+    precision: str = "bf16",
 ) -> Fit:
-    """The cheapest layout of ``global_batch`` over ``world`` GPUs of ``gpu_mem_gib`` each."""
+    """The cheapest layout of ``global_batch`` over ``world`` GPUs of ``gpu_mem_gib`` each,
+    training in ``precision`` (see :func:`training_memory`)."""
     if global_batch % world:
         counts = ", ".join(map(str, _divisors_desc(global_batch)[-8:]))
         raise ValueError(
@@ -178,7 +179,7 @@ def choose_fit(
             continue  # nothing to shard over
         for b in _divisors_desc(local):
             peak = training_memory(
-                n_params, depth, width, seq_len, vocab, b, world, fsdp, ckpt,
+                n_params, depth, width, seq_len, vocab, b, world, fsdp, ckpt, precision,
                 accumulation=local // b,
             )  # fmt: skip
             if peak["total"] <= budget:
@@ -190,7 +191,7 @@ def choose_fit(
     if best is not None:
         return best
     one = training_memory(
-        n_params, depth, width, seq_len, vocab, 1, world, world > 1, True, accumulation=local
+        n_params, depth, width, seq_len, vocab, 1, world, world > 1, True, precision, local
     )
     raise ValueError(
         f"even micro-batch 1 with sharding and checkpointing needs ~{one['total'] / GIB:.0f} GiB "

@@ -28,6 +28,7 @@ import sys
 import torch
 
 PRECISIONS = ("no", "bf16", "fp16")
+HALF_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}  # the 16-bit precisions
 CHOICES = ("auto", *PRECISIONS)
 # oneDNN ISA caps (ONEDNN_MAX_CPU_ISA) under which it still has its native bf16 kernels
 ONEDNN_BF16_ISAS = {

@@ -101,13 +101,19 @@ def _num_classes(cfg: RunConfig) -> int:
         return 1000
 
 
+def _memory_precision(cfg: RunConfig) -> str:
+    """The precision a run's memory is estimated in: fp32 only when asked for (``auto`` means
+    bf16 on the GPUs a full-scale run is planned for)."""
+    return "no" if cfg.mixed_precision == "no" else "bf16"
+
+
 def _layout(cfg: RunConfig, n_params: int, seq_len: int) -> tuple[Fit | None, str | None]:
     """The cheapest layout of a full-scale run on ``num_processes`` GPUs of ``gpu_mem_gib``."""
     a = cfg.ar
     try:
         fit = choose_fit(
             n_params, a.depth, a.model_width, seq_len, cfg.tokenizer.codebook_size,
-            a.batch_size, cfg.num_processes, cfg.gpu_mem_gib,
+            a.batch_size, cfg.num_processes, cfg.gpu_mem_gib, _memory_precision(cfg),
         )  # fmt: skip
     except ValueError as e:
         return None, str(e)
@@ -156,7 +162,7 @@ def plan_ar(
     peak = training_memory(
         n_params, cfg.ar.depth, cfg.ar.model_width, schedule.seq_len,
         cfg.tokenizer.codebook_size, micro, cfg.num_processes, cfg.ar.fsdp, cfg.ar.grad_ckpt,
-        precision="no" if cfg.mixed_precision == "no" else "bf16", accumulation=local // micro,
+        _memory_precision(cfg), local // micro,
     )["total"] / GIB  # fmt: skip
     if cfg.data.dataset == "imagefolder" and not cfg.data.root:
         problems.append(

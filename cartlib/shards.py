@@ -243,9 +243,9 @@ class TokenShards:
         shard, local = np.divmod(idx, self.shard_size)
         for k in np.unique(shard):
             sel = shard == k
-            out[sel] = self._arrays[k][local[sel], view[sel]]
-            if self.codebook_size is not None and out[sel].max() >= self.codebook_size:
-                reason = (f"it holds token {int(out[sel].max())}, beyond the codebook's "
+            out[sel] = read = self._arrays[k][local[sel], view[sel]]
+            if self.codebook_size is not None and read.max() >= self.codebook_size:
+                reason = (f"it holds token {int(read.max())}, beyond the codebook's "
                           f"{self.codebook_size} codes (a damaged file)")  # fmt: skip
                 raise shard_error(self.folder, self.shards[k], reason, self.rebuild)
         return torch.from_numpy(out.astype(np.int64))

@@ -35,7 +35,7 @@ from cartlib.cluster import stage_command
 from cartlib.config import ConfigError
 from cartlib.data.augment import hash_seed, view
 from cartlib.data.stream import Bases, ItemSource, batches, source_for
-from cartlib.hardware import PRECISIONS
+from cartlib.hardware import HALF_DTYPES, PRECISIONS
 from cartlib.io import atomic_write_bytes, disk_full_error, process_state, resolve_run_dir
 from cartlib.sample import generate
 from cartlib.shards import (
@@ -261,15 +261,12 @@ def _write_png(path: Path, image: np.ndarray) -> None:
         raise (disk_full_error(e, path, len(buf.getvalue())) or e) from e
 
 
-HALF = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
 def sampling_precision(cfg, device: torch.device) -> str | None:
     """The 16-bit precision the transformer samples in on ``device`` (autocast), or None for
     fp32: on GPUs the run's bf16/fp16 (a 2B-parameter model samples ~3x slower in fp32); on
     CPUs fp32 whatever they train in, so that samples of the shipped models are the same on
     every CPU."""
-    return cfg.precision if device.type == "cuda" and cfg.precision in HALF else None
+    return cfg.precision if device.type == "cuda" and cfg.precision in HALF_DTYPES else None
 
 
 @torch.no_grad()
@@ -304,6 +301,7 @@ def sample_images(
     kw = cfg.sample.generate_kwargs()
     settings = {"per_class": per_class, "batch": batch, "seed": seed, **kw}
     half = sampling_precision(cfg, state.device)
+    half_dtype = HALF_DTYPES.get(half)
     if half is not None:
         settings["autocast"] = half  # other samples: another folder
     folder = sample_folder(cfg, run_dir, settings)
@@ -316,7 +314,7 @@ def sample_images(
     todo = [c for c in mine if not all(p.exists() for p in paths(c))]
     for c in tqdm(todo, desc="sampling", unit="batch", disable=not progress):
         labels = torch.arange(c, min(n, c + batch)) % nc
-        with torch.autocast(state.device.type, dtype=HALF.get(half), enabled=half is not None):
+        with torch.autocast(state.device.type, dtype=half_dtype, enabled=half is not None):
             gen = generate(model, tok, labels, seed=hash_seed(seed, c // batch), **kw)
         images = (
             (gen.images.float() * 255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()

@@ -26,9 +26,8 @@ from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import (
 )
 from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
 
+from cartlib.hardware import HALF_DTYPES
 from cartlib.model.transformer import Block
-
-PRECISION = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 def checkpoint_blocks(model: nn.Module) -> nn.Module:
@@ -54,7 +53,7 @@ def sharding_policy(mixed_precision: str) -> MixedPrecisionPolicy:
             "later GPUs) or 'no', or set ar.fsdp=False"
         )
     return MixedPrecisionPolicy(
-        param_dtype=PRECISION.get(mixed_precision), reduce_dtype=torch.float32
+        param_dtype=HALF_DTYPES.get(mixed_precision), reduce_dtype=torch.float32
     )
 
 
