@@ -108,6 +108,8 @@ class TokenizerConfig:
     seed: int = 0
     arch: str = "cartlib"  # cartlib (small, one ResBlock per level) | var (VAR's VQ-VAE layout,
     # loads vae_ch160v4096z32.pth: 2 ResBlocks per level, attention, quant_conv; channels % 32 == 0)
+    micro_batch: int | None = None  # images per forward/backward and process; None = the whole
+    # per-process batch; smaller = gradient accumulation (cartlib.fit chooses it at full scale)
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -367,7 +369,11 @@ NOT_IN_KEYS = ("name", "gpu_mem_gib")  # top-level settings that change no train
 # from 16 A100s to 8 H200s resumes where it was
 FIXED_IN_KEYS = {"num_processes": 1}
 # settings of a section that change how fast, not what, a stage computes
-NOT_IN_KEYS_OF = {"data": ("workers", "shard_size"), "ar": ("micro_batch", "grad_ckpt", "fsdp")}
+NOT_IN_KEYS_OF = {
+    "data": ("workers", "shard_size"),
+    "tokenizer": ("micro_batch",),
+    "ar": ("micro_batch", "grad_ckpt", "fsdp"),
+}
 
 
 # ----------------------------------------------------------------------------------- type checking

@@ -30,6 +30,7 @@ checked against a measured CPU peak (tests/test_fit.py) and ``torch.cuda.max_mem
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -197,4 +198,123 @@ def choose_fit(
         f"even micro-batch 1 with sharding and checkpointing needs ~{one['total'] / GIB:.0f} GiB "
         f"per GPU (parameter state {one['state'] / GIB:.0f} GiB over {world} GPU(s)), more than "
         f"{HEADROOM:.0%} of {gpu_mem_gib} GiB: use more GPUs or larger ones"
+    )
+
+
+# ------------------------------------------------------------------------------------ tokenizer
+# The tokenizer stage (VQ-VAE + perceptual loss + discriminator) is a convolutional network: what
+# autograd saves grows with the pixels of an image, so it is measured per pixel at a small
+# resolution with the run's real architecture (channels, levels, decomposition order, losses),
+# where it costs a second, and scaled to the run's resolution (tests/test_fit.py checks that the
+# per-pixel figure does not depend on the resolution it is measured at).
+TOKENIZER_PROBE_LATENT = 2  # the probe's latent side: resolution = 2 x the downsampling
+_TOKENIZER_PROBES: dict[str, dict[str, float]] = {}
+
+
+def tokenizer_probe_config(cfg, latent: int = TOKENIZER_PROBE_LATENT):
+    """``cfg`` at the smallest resolution its tokenizer takes (latent ``latent`` x ``latent``):
+    the same architecture, losses and decomposition, the base scales cut to end at ``latent``,
+    the discriminator's loss on from the first step."""
+    from cartlib.tokenizer.vqvae import downsample_factor
+
+    t = cfg.tokenizer
+    patches = tuple(p for p in t.base_patch_nums if p < latent) + (latent,)
+    return cfg.updated(
+        data={"resolution": latent * downsample_factor(t.ch_mult)},
+        tokenizer={"base_patch_nums": patches, "gan_start": 0},
+    )
+
+
+def tokenizer_activation_probe(
+    cfg, precision: str = "bf16", latent: int = TOKENIZER_PROBE_LATENT
+) -> dict[str, float]:
+    """One generator step of ``cfg``'s tokenizer (tokenizer, perceptual loss, discriminator's
+    generator term) measured at a small resolution (:func:`tokenizer_probe_config`): the bytes
+    autograd saves per image pixel (batch 2 minus batch 1), and the parameter counts of the
+    run's own networks: trained (tokenizer and discriminator) and frozen (the perceptual
+    network). Memoised per setting.
+    ``precision``: ``bf16`` (autocast, as on GPUs) or ``no`` (fp32)."""
+    from cartlib.perceptual import lpips_model
+    from cartlib.tokenizer import Tokenizer
+    from cartlib.tokenizer.losses import CompoundLoss
+
+    probe = tokenizer_probe_config(cfg, latent)
+    key = f"{cfg.digest(cfg.tokenizer_sections())}-{latent}-{precision}"
+    if key in _TOKENIZER_PROBES:
+        return _TOKENIZER_PROBES[key]
+    t, res = probe.tokenizer, probe.data.resolution
+    rng = torch.random.get_rng_state()
+    torch.manual_seed(0)
+    tok = Tokenizer(t, probe.decompose, res).train()
+    tok.quantizer.initialized.fill_(True)  # no codebook initialisation inside the measurement
+    with warnings.catch_warnings():  # the run itself says which perceptual network it uses
+        warnings.simplefilter("ignore")
+        perceptual = lpips_model(check_range=False) if t.w_lpips > 0 else None
+    crit = CompoundLoss(t, perceptual)
+    fixed = [*tok.parameters(), *tok.buffers(), *crit.parameters(), *crit.buffers()]
+    exclude = {p.untyped_storage().data_ptr() for p in fixed}
+    half = precision in ("bf16", "fp16")
+
+    def measure(batch: int) -> int:
+        x = torch.rand(batch, 3, res, res)
+        bases = torch.rand(batch, tok.order, 3, res, res) if tok.order else None
+
+        def step():
+            with torch.autocast("cpu", torch.bfloat16, enabled=half):
+                out = tok(x, bases)
+                crit.generator_loss(out, out.target, out.target_base, t.gan_start)
+
+        return saved_bytes(step, exclude)
+
+    per_pixel = (measure(2) - measure(1)) / res**2
+    torch.random.set_rng_state(rng)
+    with torch.device("meta"):  # the run's own tokenizer (its schedule's phi convs) is counted
+        run_tok = Tokenizer(cfg.tokenizer, cfg.decompose, cfg.data.resolution)
+    trained = sum(p.numel() for p in run_tok.parameters())
+    trained += sum(p.numel() for p in crit.disc.parameters()) if crit.disc is not None else 0
+    frozen = sum(p.numel() for p in perceptual.parameters()) if perceptual is not None else 0
+    result = {"bytes_per_pixel": per_pixel, "trained_params": trained, "frozen_params": frozen}
+    _TOKENIZER_PROBES[key] = result
+    return result
+
+
+def tokenizer_memory(
+    probe: dict[str, float], resolution: int, micro_batch: int, world: int = 1
+) -> dict[str, float]:
+    """Estimated peak bytes per GPU of one tokenizer training step, by part (and ``"total"``),
+    from :func:`tokenizer_activation_probe`'s measurement: AdamW's state of the tokenizer and
+    discriminator, the frozen perceptual network, DDP's gradient buckets over several GPUs, and
+    the activations of ``micro_batch`` images of ``resolution`` squared."""
+    trained = probe["trained_params"]
+    parts = {
+        "state": STATE_BYTES_PER_PARAM * trained,
+        "frozen": 4 * probe["frozen_params"],
+        "activations": probe["bytes_per_pixel"] * resolution**2 * micro_batch,
+        "grad_buffers": DDP_BUCKET_BYTES_PER_PARAM * trained if world > 1 else 0.0,
+    }
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+def choose_tokenizer_fit(
+    probe: dict[str, float], resolution: int, global_batch: int, world: int, gpu_mem_gib: float
+) -> Fit:
+    """The largest micro-batch (dividing the per-GPU batch) whose tokenizer step fits
+    ``gpu_mem_gib``; the rest of the batch is accumulated. Replicated (DDP), no checkpointing."""
+    if global_batch % world:
+        raise ValueError(
+            f"the tokenizer's batch_size {global_batch} does not split evenly over {world} "
+            f"processes: choose a batch_size divisible by {world}"
+        )
+    local = global_batch // world
+    budget = HEADROOM * gpu_mem_gib * GIB
+    for b in _divisors_desc(local):
+        peak = tokenizer_memory(probe, resolution, b, world)["total"]
+        if peak <= budget:
+            return Fit(b, local // b, False, False, peak / GIB)
+    one = tokenizer_memory(probe, resolution, 1, world)["total"]
+    raise ValueError(
+        f"one {resolution}px image per tokenizer step needs ~{one / GIB:.0f} GiB per GPU, more "
+        f"than {HEADROOM:.0%} of gpu_mem_gib={gpu_mem_gib}: use larger GPUs or a smaller "
+        f"tokenizer (channels, ch_mult)"
     )

@@ -27,7 +27,15 @@ import torch
 from cartlib.cluster import Cluster, node_commands, slurm_script
 from cartlib.config import RunConfig, save_config
 from cartlib.data import imagefolder_num_classes, load_dataset_from_config
-from cartlib.fit import GIB, Fit, choose_fit, training_memory
+from cartlib.fit import (
+    GIB,
+    Fit,
+    choose_fit,
+    choose_tokenizer_fit,
+    tokenizer_activation_probe,
+    tokenizer_memory,
+    training_memory,
+)
 from cartlib.io import atomic_write_bytes
 from cartlib.model import build_model
 
@@ -118,6 +126,32 @@ def _layout(cfg: RunConfig, n_params: int, seq_len: int) -> tuple[Fit | None, st
     except ValueError as e:
         return None, str(e)
     return fit, None
+
+
+def plan_tokenizer(cfg: RunConfig, world: int, say: bool = True) -> RunConfig:
+    """``cfg`` with the tokenizer's micro-batch for ``world`` processes on GPUs of
+    ``gpu_mem_gib``: at full scale, the largest that fits by :func:`cartlib.fit.tokenizer_memory`
+    (its activations measured for this architecture), the rest of the per-GPU batch accumulated;
+    a micro-batch set in the config is kept (and its estimate said). Small runs are unchanged.
+    A GPU too small for one image is a ValueError before anything trains. ``say``: print it."""
+    if not full_scale(cfg):
+        return cfg
+    t, res = cfg.tokenizer, cfg.data.resolution
+    probe = tokenizer_activation_probe(cfg, _memory_precision(cfg))
+    if t.micro_batch is None:
+        fit = choose_tokenizer_fit(probe, res, t.batch_size, world, cfg.gpu_mem_gib)
+        cfg = cfg.updated(tokenizer={"micro_batch": fit.micro_batch})
+    local = max(1, t.batch_size // world)
+    micro = min(cfg.tokenizer.micro_batch, local)
+    peak = tokenizer_memory(probe, res, micro, world)["total"] / GIB
+    if say:
+        print(
+            f"tokenizer layout per GPU: micro-batch {micro} x {-(-local // micro)} accumulation "
+            f"step(s) of {local} images ({res}px, {probe['trained_params'] / 1e6:.0f}M trained "
+            f"parameters): ~{peak:.1f} GiB (estimate; gpu_mem_gib={cfg.gpu_mem_gib})",
+            flush=True,
+        )
+    return cfg
 
 
 def cpu_full_scale() -> bool:

@@ -73,7 +73,7 @@ RANGES: dict[str, dict[str, Range]] = {
         **dict.fromkeys(("phi_share", "gan_start", "dead_code_every", "seed"), NON_NEGATIVE),
         **dict.fromkeys(("beta", "w_rec", "w_lpips", "w_gan", "w_base"), NON_NEGATIVE),
         "lr": POSITIVE,
-        "ckpt_every": AT_LEAST_1,
+        **dict.fromkeys(("ckpt_every", "micro_batch"), AT_LEAST_1),
     },
     "ar": {
         **dict.fromkeys(("depth", "width", "heads", "steps", "batch_size"), AT_LEAST_1),

@@ -22,6 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 
@@ -247,6 +248,8 @@ class ScheduleQuantizer(nn.Module):
         vecs = feats.permute(0, 2, 3, 1).reshape(-1, feats.shape[1])
         pick = torch.randint(len(vecs), (self.codebook_size,), device=vecs.device)
         self.codebook.weight.copy_(vecs[pick] + 1e-3 * torch.randn_like(vecs[pick]))
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            dist.broadcast(self.codebook.weight.data, src=0)  # one codebook on every process
         self.initialized.fill_(True)
 
     @torch.no_grad()

@@ -97,6 +97,21 @@ class Tokenizer(nn.Module):
         feats = self.encode_features(stacked).unflatten(0, (b, n + 1))
         return x, feats[:, 0], [feats[:, k] for k in range(1, n + 1)]
 
+    @torch.no_grad()
+    def init_codebook(self, images: torch.Tensor, bases: torch.Tensor | None, parts: list[slice]):
+        """Initialise the codebook (:meth:`ScheduleQuantizer.init_codebook`) from a first batch
+        encoded in ``parts`` (the training step's micro-batches): the same vectors, in the same
+        order, as one pass over the whole batch would give."""
+        chains = []
+        for p in parts:
+            b = None if bases is None else bases[p]
+            if self.order > 0 and b is None:
+                b = self.decompose(images[p])
+            _, f_image, f_bases = self._encode_all(images[p], b)
+            chains.append(self.quantizer.targets(f_image, f_bases))
+        feats = [torch.cat([c[k] for c in chains]) for k in chains[0]]  # chain-major, as one pass
+        self.quantizer.init_codebook(torch.cat(feats))
+
     def encode_features(self, images: torch.Tensor) -> torch.Tensor:
         """f = E(I) (Eq. 7), (B,3,H,W) -> (B,C,h,w) (VAR: then ``quant_conv``)."""
         return self.quant_conv(self.encoder(images))

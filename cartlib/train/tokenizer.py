@@ -9,6 +9,7 @@ on tensors held in memory instead (notebook 02 and the tests), with the same ste
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 
 import torch
@@ -19,6 +20,7 @@ from cartlib.config import save_config
 from cartlib.data.augment import centre
 from cartlib.data.stream import Bases, StepSampler, StepStream, batches, source_for, stored_order
 from cartlib.io import process_state
+from cartlib.launch import plan_tokenizer
 from cartlib.perceptual import lpips_model
 from cartlib.tokenizer import Tokenizer
 from cartlib.tokenizer.losses import CompoundLoss
@@ -96,6 +98,8 @@ def train_tokenizer(
     save_config(cfg.resolved(), out_dir / "config.yaml")  # the precision it trains in
     torch.manual_seed(t.seed)
     acc = make_accelerator(cfg.precision)
+    cfg = plan_tokenizer(cfg, acc.num_processes, say=process_state().is_main_process)
+    t = cfg.tokenizer
     n_items = len(data[0]) if data is not None else len(source)
     sampler = StepSampler(n_items, t.batch_size, t.seed, acc.process_index, acc.num_processes,
                           d.random_crop, d.hflip)  # fmt: skip
@@ -135,26 +139,46 @@ def train_tokenizer(
     optimizers["opt"] = opt
 
     quant = acc.unwrap_model(tok).quantizer
+    micro = t.micro_batch or t.batch_size  # images per forward/backward (the rest accumulated)
 
     def step_fn(step: int) -> dict[str, float]:
         x, b = fetch(step)
         tok.train()
-        with acc.autocast():
-            out = tok(x, b)
-            loss, logs = crit.generator_loss(out, out.target, out.target_base, step)
+        parts = micro_batches(len(x), micro)
+        if not bool(quant.initialized):  # a new run: from this batch, whatever its micro-batches
+            with acc.autocast():
+                acc.unwrap_model(tok).init_codebook(x, b, parts)
         opt.zero_grad(set_to_none=True)
-        acc.backward(loss)
+        logs: dict[str, float] = {}
+        fakes = []
+        for i, part in enumerate(parts):
+            share = (part.stop - part.start) / len(x)
+            with no_sync(acc, (tok, crit.disc), last=i == len(parts) - 1):
+                with acc.autocast():
+                    out = tok(x[part], None if b is None else b[part])
+                    loss, part_logs = crit.generator_loss(out, out.target, out.target_base, step)
+                acc.backward(loss * share)
+            fakes.append((out.recon.detach().float(), out.target))
+            for k, v in part_logs.items():
+                logs[k] = logs.get(k, 0.0) + v * share
+            del out, loss
         acc.clip_grad_norm_(tok.parameters(), 1.0)
         opt.step()
         sch.step()
         if crit.gan_on(step):
-            with acc.autocast():
-                d_loss = crit.discriminator_loss(out.recon.float(), out.target)
             opt_d.zero_grad(set_to_none=True)
-            acc.backward(d_loss)
+            logs["gan_d"] = 0.0
+            for i, (fake, real) in enumerate(fakes):
+                share = len(fake) / len(x)
+                with no_sync(acc, (crit.disc,), last=i == len(fakes) - 1):
+                    with acc.autocast():
+                        d_loss = crit.discriminator_loss(fake, real)
+                    acc.backward(d_loss * share)
+                logs["gan_d"] += d_loss.item() * share
             opt_d.step()
-            logs["gan_d"] = d_loss.item()
         if t.dead_code_every and (step + 1) % t.dead_code_every == 0:
+            if acc.num_processes > 1:  # a code is dead when no process used it
+                torch.distributed.all_reduce(quant.usage)
             logs["used_codes"] = float((quant.usage > 0).sum())
             logs["restarted"] = float(quant.restart_dead_codes())
             if acc.num_processes > 1:
@@ -180,6 +204,22 @@ def train_tokenizer(
             stream.close()
     tok = acc.unwrap_model(tok).eval()
     return tok, history
+
+
+def micro_batches(n: int, micro: int) -> list[slice]:
+    """The consecutive parts of ``n`` images that go through forward and backward at once."""
+    return [slice(s, min(n, s + micro)) for s in range(0, n, micro)]
+
+
+def no_sync(acc, models, last: bool):
+    """Gradient accumulation under DDP: no all-reduce of ``models``' gradients except in the
+    backward of the ``last`` micro-batch (a plain context on one process)."""
+    stack = contextlib.ExitStack()
+    if not last and acc.num_processes > 1:
+        for model in models:
+            if model is not None:
+                stack.enter_context(acc.no_sync(model))
+    return stack
 
 
 def load_tokenizer(path: str | Path):
