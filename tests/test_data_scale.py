@@ -494,3 +494,21 @@ def test_sampling_on_a_full_disk_names_the_folder_and_leaves_no_temp_file(run, m
         stages.sample_images(cfg, run["base"] / "ref", per_class=1, seed=3, progress=False)
     folders = list((run["base"] / "ref").rglob("png"))
     assert folders and not [p for f in folders for p in f.glob(".*.tmp")]
+
+
+def test_processes_share_the_header_check_of_an_image_folder(tmp_path):
+    """Under a launch of 2 processes each reads half of the image headers and both build the
+    same dataset, without the unreadable file (ImageNet: 1.28 M headers once per cluster, not
+    once per GPU)."""
+    root = make_image_folder(tmp_path / "images", images=24, sizes=(14, 20))
+    bad = sorted((root / "train").rglob("*.png"))[5]
+    bad.write_bytes(b"not an image")
+    out = accelerate_launch([Path(__file__).with_name("folder_check_probe.py"), root], 2)
+    reports = sorted(
+        (json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")),
+        key=lambda r: r["rank"],
+    )
+    assert [r["rank"] for r in reports] == [0, 1] and reports[0]["world"] == 2
+    assert [r["read"] for r in reports] == [12, 12]
+    assert reports[0]["items"] == reports[1]["items"] and len(reports[0]["items"]) == 23
+    assert reports[0]["skipped"] == reports[1]["skipped"] == [str(bad)]

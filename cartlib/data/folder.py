@@ -237,15 +237,46 @@ class ImageFolderDataset(Dataset):
 _SCANNED: dict[tuple, tuple[list, list]] = {}  # listing -> scan result, within this process
 
 
+def _group() -> tuple[int, int]:
+    """(rank, world size) of the launched process group, (0, 1) outside one."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _check_files(items: list, progress: bool) -> list[str | None]:
-    """The header check of every item (None = readable), on a thread pool."""
+    """The header check of every item (None = readable), on a thread pool; under a launched
+    process group each process checks every world-th item and the results are exchanged, so
+    1.28 M ImageNet headers are read once per cluster, not once per GPU."""
+    import torch.distributed as dist
+
+    rank, world = _group()
+    mine = items[rank::world]
     with ThreadPoolExecutor(min(16, 4 * (os.cpu_count() or 1))) as pool:
-        bar = tqdm(total=len(items), desc="checking images", disable=not progress)
-        errors = []
-        for err in pool.map(_verify, [p for p, _ in items]):
-            errors.append(err)
+        bar = tqdm(total=len(mine), desc="checking images", disable=not progress or rank > 0)
+        found = []
+        for err in pool.map(_verify, [p for p, _ in mine]):
+            found.append(err)
             bar.update()
         bar.close()
+    if world == 1:
+        return found
+    listing = hashlib.sha1("\0".join(str(p) for p, _ in items).encode()).hexdigest()
+    bad = [(rank + world * j, err) for j, err in enumerate(found) if err is not None]
+    every: list = [None] * world
+    dist.all_gather_object(every, (listing, bad))
+    if len({lst for lst, _ in every}) > 1:
+        raise DatasetUnavailableError(
+            f"the processes list different files under the data root ({len(items)} here, in "
+            f"process {rank}): every machine must see the same dataset (a shared or identical "
+            "copy of data.root)"
+        )
+    errors: list[str | None] = [None] * len(items)
+    for _, their_bad in every:
+        for i, err in their_bad:
+            errors[i] = err
     return errors
 
 
