@@ -512,3 +512,27 @@ def test_processes_share_the_header_check_of_an_image_folder(tmp_path):
     assert [r["read"] for r in reports] == [12, 12]
     assert reports[0]["items"] == reports[1]["items"] and len(reports[0]["items"]) == 23
     assert reports[0]["skipped"] == reports[1]["skipped"] == [str(bad)]
+
+
+def test_prefetched_steps_are_the_steps_asked_for():
+    """The transformer's next token rows are read in a background thread: in order, out of
+    order (a resume) and across an error, every call returns fn(step) and errors surface at
+    their own step."""
+    from cartlib.data.stream import Prefetch
+
+    calls = []
+
+    def fn(step):
+        calls.append(step)
+        if step == 6:
+            raise ValueError("damaged shard at step 6")
+        return step * 10
+
+    prefetch = Prefetch(fn, total_steps=8)
+    assert [prefetch(s) for s in (0, 1, 2)] == [0, 10, 20]
+    assert prefetch(4) == 40 and prefetch(5) == 50  # step 3 was read ahead, then not used
+    with pytest.raises(ValueError, match="step 6"):
+        prefetch(6)
+    assert prefetch(7) == 70
+    prefetch.close()
+    assert calls == [0, 1, 2, 3, 4, 5, 6, 7]  # nothing read twice, nothing past the last step

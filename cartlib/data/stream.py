@@ -30,6 +30,7 @@ Design decisions:
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
+from concurrent.futures import ThreadPoolExecutor, wait
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -191,6 +192,35 @@ class StepStream:
 
 
 # --------------------------------------------------------------------------------------- bases
+class Prefetch:
+    """``fn(step)`` with ``fn(step + 1)`` read in a background thread while step ``step`` trains
+    (the transformer's token rows: memory-mapped pages come from disk while the GPU computes).
+    ``fn`` must be a pure function of the step (as the step sampler makes it), so a prefetched
+    result is the one a direct call gives; asked out of order (a resume) it calls ``fn``
+    directly. An error of a prefetched read is raised when its step is asked for."""
+
+    def __init__(self, fn, total_steps: int):
+        self.fn, self.total = fn, total_steps
+        self.pool = ThreadPoolExecutor(1, thread_name_prefix="cartlib-prefetch")
+        self.pending = None  # (step, future)
+
+    def __call__(self, step: int):
+        ahead, self.pending = self.pending, None
+        if ahead is not None and ahead[0] == step:
+            out = ahead[1].result()
+        else:
+            if ahead is not None:  # one read at a time: the unused one finishes first
+                wait([ahead[1]])
+            out = self.fn(step)
+        if step + 1 < self.total:
+            self.pending = (step + 1, self.pool.submit(self.fn, step + 1))
+        return out
+
+    def close(self) -> None:
+        self.pending = None
+        self.pool.shutdown(wait=True, cancel_futures=True)
+
+
 class _CentreImages(Dataset):
     """The centre crops of a source as (float image, label): what the bases cache holds."""
 

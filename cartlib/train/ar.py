@@ -15,7 +15,7 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from cartlib.config import save_config
-from cartlib.data.stream import StepSampler
+from cartlib.data.stream import Prefetch, StepSampler
 from cartlib.io import atomic_write_bytes, process_state
 from cartlib.model import build_model
 from cartlib.shards import TokenShards, tokenizer_hash
@@ -212,7 +212,7 @@ def train_ar(
     sampler = StepSampler(n_items, a.batch_size, a.seed, acc.process_index, acc.num_processes)
     micro, accumulation = micro_batches(a, acc.num_processes)
 
-    def fetch(step: int):
+    def read(step: int):
         """This process's share of step ``step``'s batch: tokens, labels with CFG's label
         dropout applied — both drawn for the whole global batch from the step's generator, so
         the step is the same at any process count and micro-batch size."""
@@ -221,9 +221,15 @@ def train_ar(
         drop = torch.rand(idx.shape, generator=g) < a.cond_drop
         mine = slice(sampler.rank, None, sampler.world)
         idx, view, drop = idx[mine], view[mine], drop[mine]
-        x = rows(idx, view).to(acc.device, non_blocking=True)  # (b, L)
+        x = rows(idx, view)  # (b, L)
         y = torch.where(drop, torch.tensor(num_classes), labels[idx].long())
-        return x, y.to(acc.device)
+        return (x.pin_memory(), y.pin_memory()) if acc.device.type == "cuda" else (x, y)
+
+    prefetch = Prefetch(read, a.steps)  # the next step's rows are read while this one trains
+
+    def fetch(step: int):
+        x, y = prefetch(step)
+        return x.to(acc.device, non_blocking=True), y.to(acc.device, non_blocking=True)
 
     def backward(x, y, sync: bool):
         """Forward and backward of one micro-batch; gradients summed over the micro-batches
@@ -258,19 +264,22 @@ def train_ar(
             gnorm = gnorm.full_tensor()
         return step_logs(acc, loss, gnorm, per_loss, per_acc)
 
-    history = run_loop(
-        accelerator=acc,
-        modules={"model": model},
-        optimizers={"opt": opt},
-        schedulers={"sched": lrs},
-        step_fn=step_fn,
-        total_steps=a.steps,
-        ckpt_dir=out_dir,
-        ckpt_every=a.ckpt_every,
-        stop_after=stop_after,
-        progress=progress,
-        desc=f"next-detail AR d{a.depth}",
-    )
+    try:
+        history = run_loop(
+            accelerator=acc,
+            modules={"model": model},
+            optimizers={"opt": opt},
+            schedulers={"sched": lrs},
+            step_fn=step_fn,
+            total_steps=a.steps,
+            ckpt_dir=out_dir,
+            ckpt_every=a.ckpt_every,
+            stop_after=stop_after,
+            progress=progress,
+            desc=f"next-detail AR d{a.depth}",
+        )
+    finally:
+        prefetch.close()
     if is_sharded(core):  # the consolidated export that the last save wrote, as sampling loads it
         return load_ar(out_dir, tokenizer).to(acc.device), history
     return core.eval(), history
