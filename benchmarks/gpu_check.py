@@ -5,7 +5,8 @@
 
 Synthetic data, no network. Rows:
   decomposition images/s at 256² (Ambrosio-Tortorelli order 3; target >= 1,000 on an H200);
-  tokenizer training images/s at 256² (cart-d16-256's tokenizer, bases given, bf16);
+  tokenizer training images/s and peak GiB at 256² (cart-d16-256's tokenizer with LPIPS and the
+  discriminator, bases given, bf16) next to the tokenizer stage's memory plan;
   cart-d16 and var-d16 training tokens/s and peak GiB in bf16: plain, with activation
   checkpointing, with FSDP2 in one process — each next to the memory model's estimate
   (cartlib.fit.training_memory);
@@ -28,8 +29,9 @@ import torch.distributed as dist
 
 from cartlib.config import load_preset
 from cartlib.decompose import base_detail
-from cartlib.fit import GIB, training_memory
+from cartlib.fit import GIB, tokenizer_activation_probe, tokenizer_memory, training_memory
 from cartlib.model import build_model
+from cartlib.perceptual import lpips_model
 from cartlib.sample import generate
 from cartlib.tokenizer import Tokenizer
 from cartlib.tokenizer.losses import CompoundLoss
@@ -79,24 +81,33 @@ def decomposition_row(cfg, device, batch, repeat):
 
 
 def tokenizer_row(cfg, device, batch, repeat, amp):
+    """Training images/s and peak memory of the tokenizer's generator step as train_tokenizer
+    runs it (perceptual loss as configured, discriminator on), next to the stage's memory plan
+    (cartlib.fit.tokenizer_memory, measured per pixel on the CPU)."""
     res, n = cfg.data.resolution, cfg.order
-    tok = Tokenizer(cfg.tokenizer, cfg.decompose, res).to(device)
-    crit = CompoundLoss(dataclasses.replace(cfg.tokenizer, w_lpips=0.0)).to(device)
-    opt = torch.optim.AdamW(tok.parameters(), lr=1e-4)
+    t = dataclasses.replace(cfg.tokenizer, gan_start=0, w_gan=cfg.tokenizer.w_gan or 0.1)
+    tok = Tokenizer(t, cfg.decompose, res).to(device).train()
+    perceptual = lpips_model(check_range=False).to(device) if t.w_lpips > 0 else None
+    crit = CompoundLoss(t, perceptual).to(device)
+    opt = torch.optim.AdamW([*tok.parameters(), *crit.disc.parameters()], lr=1e-4)
     x = torch.rand(batch, 3, res, res, device=device)
     bases = torch.rand(batch, n, 3, res, res, device=device) if n else None
 
     def step():
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
             out = tok(x, bases)
-            loss, _ = crit.generator_loss(out, x, None if bases is None else bases[:, -1], 0)
+            loss, _ = crit.generator_loss(out, out.target, out.target_base, 0)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
 
     reset_peak(device)
     s = timed(step, device, repeat)
-    return {"images/s": batch / s, "peak GiB": peak_gib(device)}
+    probe = tokenizer_activation_probe(
+        cfg.updated(tokenizer={"w_gan": t.w_gan}), "bf16" if amp else "no"
+    )
+    est = tokenizer_memory(probe, res, batch)["total"]
+    return {"images/s": batch / s, "peak GiB": peak_gib(device), "estimate GiB": est / GIB}
 
 
 def ar_row(cfg, device, batch, repeat, amp, mode):
