@@ -110,6 +110,11 @@ class TokenizerConfig:
     # loads vae_ch160v4096z32.pth: 2 ResBlocks per level, attention, quant_conv; channels % 32 == 0)
     micro_batch: int | None = None  # images per forward/backward and process; None = the whole
     # per-process batch; smaller = gradient accumulation (cartlib.fit chooses it at full scale)
+    init_from: str | None = None  # VAR's released VQ-VAE (vae_ch160v4096z32.pth): installed,
+    # strictly, as the finished tokenizer instead of training one (arch var, order 0)
+    straight_through: str | None = None  # which parameters the decoder's gradient reaches through
+    # the quantizer: "cartlib" (encoder, codebook and phi convs) | "var" (the encoder only, as
+    # VAR's VQ-VAE); None = by arch ("var" for arch var, else "cartlib")
 
     def __post_init__(self) -> None:
         check_ranges(self)
@@ -309,6 +314,10 @@ class RunConfig:
         for section, names in NOT_IN_KEYS_OF.items():
             for name in names:
                 d[section].pop(name)
+        for section, defaults in IN_KEYS_UNLESS_DEFAULT.items():
+            for name, default in defaults.items():
+                if d[section][name] == default:
+                    d[section].pop(name)
         blob = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
@@ -369,6 +378,9 @@ NOT_IN_KEYS = ("name", "gpu_mem_gib")  # top-level settings that change no train
 # from 16 A100s to 8 H200s resumes where it was
 FIXED_IN_KEYS = {"num_processes": 1}
 # settings of a section that change how fast, not what, a stage computes
+# settings added after models were trained and shipped: counted only when set, so that every
+# earlier model keeps its key
+IN_KEYS_UNLESS_DEFAULT = {"tokenizer": {"init_from": None, "straight_through": None}}
 NOT_IN_KEYS_OF = {
     "data": ("workers", "shard_size"),
     "tokenizer": ("micro_batch",),

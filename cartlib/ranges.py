@@ -14,7 +14,9 @@ Ranges are what the code can run, not what is sensible: ``decompose.order`` is c
 
 from __future__ import annotations
 
+import functools
 import math
+import typing
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,6 +101,7 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
     "tokenizer": {
         "quantizer": ("vanilla", "multiscale", "base_detail"),
         "arch": ("cartlib", "var"),
+        "straight_through": ("cartlib", "var"),
     },
     "ar": {"lr_schedule": ("cosine", "lin0")},
     "sample": {"cfg_schedule": ("linear", "constant")},
@@ -106,6 +109,12 @@ CHOICES: dict[str, dict[str, tuple[str, ...]]] = {
 }
 SECTION_OF = {"DataConfig": "data", "DecomposeConfig": "decompose", "TokenizerConfig": "tokenizer",
               "ARConfig": "ar", "SampleConfig": "sample", "RunConfig": ""}  # fmt: skip
+
+
+@functools.cache
+def _optional(cls: type, name: str) -> bool:
+    """Whether the setting ``name`` of config section ``cls`` may be None."""
+    return type(None) in typing.get_args(typing.get_type_hints(cls)[name])
 
 
 def range_problem(obj: Any) -> str | None:
@@ -127,6 +136,8 @@ def range_problem(obj: Any) -> str | None:
         if isinstance(value, (tuple, list)) and not value:
             return f"{prefix}{name} is empty: give at least one value {rng}"
     for name, allowed in CHOICES.get(section, {}).items():
+        if getattr(obj, name) is None and _optional(type(obj), name):
+            continue  # None: the setting's default rule
         if getattr(obj, name) not in allowed:
             return (
                 f"{prefix}{name}={getattr(obj, name)!r} is not allowed: choose one of "

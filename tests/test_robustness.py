@@ -66,7 +66,7 @@ def _another_value(cfg: RunConfig, section: str, name: str) -> RunConfig:
     value = getattr(obj, name)
     special = {"width": 128, "heads": 1, "eps": 0.2, "root": "/elsewhere", "phi_kernel": 5}
     special |= {"arch": "var", "lr_schedule": "lin0", "weight_decay_end": 0.01, "mid_ratio": 1.125}
-    special |= {"kind": "intrinsic"}
+    special |= {"kind": "intrinsic", "init_from": "vae.pth", "straight_through": "var"}
     if name in special:
         new = special[name]
     elif isinstance(value, bool):
