@@ -40,7 +40,12 @@ from cartlib.shards import TokenShards, shard_folder, tokenizer_hash
 from cartlib.stages import finished as _finished
 from cartlib.stages import settle
 from cartlib.train.ar import trained_on
-from cartlib.train.checkpoints import clear_folder, clear_if_installed, installed_from
+from cartlib.train.checkpoints import (
+    clear_folder,
+    clear_if_installed,
+    installed_from,
+    repair_last,
+)
 
 
 def stage_lock(folder_of):
@@ -83,6 +88,7 @@ def _ensure_tokenizer(cfg, run_dir, progress: bool = True, shipped: bool | None 
     folder = train.tokenizer_dir(resolve_run_dir(run_dir), cfg)
     _use_shipped("tokenizer", cfg, run_dir, folder, shipped)
     if _finished(folder, cfg.tokenizer.steps):
+        repair_last(folder)
         return train.load_tokenizer(folder)
     print(f"training the tokenizer into {folder} ({cfg.tokenizer.steps} steps)")
     tok, _ = train.train_tokenizer(cfg, resolve_run_dir(run_dir), progress=progress)
@@ -129,6 +135,7 @@ def _ensure_ar(cfg, run_dir, progress, shipped, tok_cfg, tok):
         # installed on a shipped tokenizer that was replaced since: trained anew below
         clear_folder(folder, "its tokenizer is no longer the shipped one it was trained with")
     if _finished(folder, cfg.ar.steps):
+        repair_last(folder)
         return tok, train.load_ar(folder, tok)
     tokens, labels, num_classes = _ensure_tokens(tok_cfg, run_dir, tok, "train", progress)
     print(f"training the transformer into {folder} ({cfg.ar.steps} steps)")

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from cartlib import shipped as shipped_stages
 from cartlib import train
 from cartlib.cluster import stage_command
-from cartlib.config import ConfigError
+from cartlib.config import ConfigError, load_config, save_config
 from cartlib.data.augment import hash_seed, view
 from cartlib.data.stream import Bases, ItemSource, batches, source_for
 from cartlib.hardware import HALF_DTYPES, PRECISIONS
@@ -51,6 +51,7 @@ from cartlib.shards import (
 )
 from cartlib.train.ar import trained_on
 from cartlib.train.checkpoints import read_manifest
+from cartlib.train.loop import STAGE_FOLDER, check_stage_config
 
 
 # ----------------------------------------------------------------------------- finished stages
@@ -118,13 +119,20 @@ def settle(stage: str, cfg, run_dir, shipped: bool | None = None, tokenizer=None
 def trained(stage: str, cfg, run_dir, tokenizer=None):
     """The finished tokenizer (``stage="tokenizer"``) or transformer (``"ar"``, on ``tokenizer``)
     of ``cfg`` in ``run_dir`` (at any precision, :func:`settle`); an unfinished or missing one
-    is an error giving the command."""
+    is an error giving the command (whose ``--config`` file it writes when the folder has none;
+    ``cfg`` read from another stage folder's hand-edited config.yaml is named as such)."""
     cfg = settle(stage, cfg, run_dir, None, tokenizer)
     folder, steps = _folder(stage, run_dir, cfg), _steps(stage, cfg)
     found = train.load_latest(folder)  # the newest checkpoint that verifies (as the loader)
     done = found[0]["step"] if found is not None else 0
     if done < steps:
-        command = stage_command(cfg, f"train-{stage}", folder / "config.yaml", run_dir)
+        if found is None:
+            _refuse_edited_copy(stage, cfg, run_dir)
+        config = folder / "config.yaml"
+        if not config.exists() and process_state().is_main_process:
+            folder.mkdir(parents=True, exist_ok=True)  # so that the command below runs as given
+            save_config(cfg, config)
+        command = stage_command(cfg, f"train-{stage}", config, run_dir)
         raise FileNotFoundError(
             f"{folder} holds no finished {stage} ({done} of {steps} steps): train it first:\n"
             f"  {command}"
@@ -132,6 +140,25 @@ def trained(stage: str, cfg, run_dir, tokenizer=None):
     if stage == "tokenizer":
         return train.load_tokenizer(folder)
     return train.load_ar(folder, tokenizer)
+
+
+def _refuse_edited_copy(stage: str, cfg, run_dir: Path) -> None:
+    """When ``cfg`` (which has no trained ``stage`` in ``run_dir``) is what another stage folder's
+    ``config.yaml`` now says, that file was edited after training and given as ``--config``:
+    say so (:func:`check_stage_config`) instead of sending the user to a folder that does not
+    exist."""
+    key = cfg.artifact_key(stage)
+    for folder in sorted(run_dir.glob(f"{stage}-*")):
+        config = folder / "config.yaml"
+        named = STAGE_FOLDER.fullmatch(folder.name)
+        if named is None or named["key"] == key or not config.is_file():
+            continue
+        try:
+            edited = load_config(config)
+        except (OSError, ValueError):
+            continue
+        if edited.artifact_key(stage) == key:
+            check_stage_config(folder, edited)
 
 
 # ---------------------------------------------------------------------------- token extraction

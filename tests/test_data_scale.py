@@ -398,13 +398,22 @@ def test_shards_of_a_changed_image_folder_are_refused_not_mixed(run, tmp_path):
 
 def test_damaged_token_or_label_values_name_their_shard(run, tmp_path):
     """A flipped high bit in a token, a label out of range: an error naming the shard and how
-    to rebuild it, not an IndexError inside F.embedding at some later step."""
+    to rebuild it, not an IndexError inside F.embedding at some later step. The checksums catch
+    both on open; shards written before checksums were recorded are range-checked."""
     folder = shutil.copytree(run["shards"].folder, tmp_path / "tokens-train")
     tokens_path = folder / "shard-00001.npy"
     arr = np.load(tokens_path, mmap_mode="r+")
     arr[0, 0, 5] ^= 0x8000
     arr.flush()
     del arr
+    with pytest.raises(ShardError, match=r"shard-00001\.npy is not the file that was written"):
+        TokenShards(folder)
+    for path in folder.glob("*.json"):  # as written before checksums were recorded
+        record = json.loads(path.read_text())
+        record.pop("sha256", None)
+        for entry in record.get("shards", []):
+            entry.pop("sha256")
+        path.write_text(json.dumps(record))
     shards = TokenShards(folder)
     n = len(shards)
     with pytest.raises(ShardError, match=r"shard-00001.*beyond the codebook's 32 codes"):

@@ -24,6 +24,11 @@ Design decisions:
 - Files are written atomically (temp file + rename) under a lock of their own
   (``.<file>.lock``), so two processes that need the same decomposition compute it once: the
   second waits, then reads the first one's file. Reading a usable file takes no lock.
+- Resumable per part: while computing, every :data:`PART_BATCHES` batches are saved to
+  ``.<file stem>.parts/part-<first item>.pt`` (with the key, the content signature and the batch
+  size, so a part of other data or other batches is computed again); a killed computation
+  resumes from the parts it finished, in the same batches, so it ends with the file an
+  uninterrupted one writes. The parts are removed once the file is written.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+import shutil
 import warnings
 from pathlib import Path
 
@@ -44,6 +50,7 @@ from cartlib.io import atomic_torch_save, cache_dir, file_lock
 
 CACHE_FORMAT = 2  # layout of the cache file (2: with the content signature)
 N_FINGERPRINT = 4  # images stored in the file to check it belongs to the dataset
+PART_BATCHES = 4  # batches per resumable part (64 images each by default)
 
 
 def _dataset_id(dataset, name: str | None) -> str:
@@ -92,21 +99,65 @@ def content_signature(dataset, n: int) -> str | None:
     return sign(n) if sign is not None else None
 
 
-def _compute(dataset, n, order, at_params, batch_size, device, progress) -> torch.Tensor:
-    """The bases of items 0..n-1 as float16 (n, order, C, H, W), C = 1 when all are grey."""
-    chunks, grey = [], True
+def _compute(
+    dataset, n, order, at_params, batch_size, device, progress, parts=None
+) -> torch.Tensor:
+    """The bases of items 0..n-1 as float16 (n, order, C, H, W), C = 1 when all are grey.
+    ``parts``: (folder, stamp) to save each part into and resume finished parts from."""
+    chunks, size = [], batch_size * PART_BATCHES
     bar = tqdm(total=n, desc=f"decompose (order {order})", unit="img", disable=not progress)
-    for start in range(0, n, batch_size):
-        x = torch.stack([dataset[i][0] for i in range(start, min(n, start + batch_size))])
-        x = x.to(device=device, dtype=torch.float32)  # (b, 3, H, W)
-        dec = base_detail(x, order, **at_params)
-        bases = torch.stack(dec.bases, 1).half().cpu()  # (b, n, 3, H, W)
-        grey = grey and bool((bases == bases[:, :, :1]).all())
+    reused = 0
+    for first in range(0, n, size):
+        count = min(size, n - first)
+        bases = _load_part(*parts, first, count) if parts else None
+        reused += bases is not None
+        if bases is None:
+            bases = torch.cat([
+                _decompose(dataset, range(s, min(first + count, s + batch_size)), order,
+                           at_params, device)
+                for s in range(first, first + count, batch_size)
+            ])  # fmt: skip
+            if (bases == bases[:, :, :1]).all():  # grey: one channel stored
+                bases = bases[:, :, :1].clone()
+            if parts:
+                folder, stamp = parts
+                folder.mkdir(parents=True, exist_ok=True)
+                part = {**stamp, "first": first, "count": count, "bases": bases}
+                atomic_torch_save(part, folder / f"part-{first:09d}.pt")
         chunks.append(bases)
-        bar.update(len(x))
+        bar.update(count)
     bar.close()
-    bases = torch.cat(chunks)
-    return bases[:, :, :1].clone() if grey else bases
+    if reused:
+        print(f"decomposition resumed: {reused} of {len(chunks)} parts were computed before")
+    if all(c.shape[2] == 1 for c in chunks):
+        return torch.cat(chunks)
+    return torch.cat([c.expand(-1, -1, 3, -1, -1) for c in chunks])
+
+
+def _decompose(dataset, items: range, order: int, at_params: dict, device) -> torch.Tensor:
+    """The bases of ``items``, float16 (b, order, 3, H, W) on the CPU."""
+    x = torch.stack([dataset[i][0] for i in items])
+    x = x.to(device=device, dtype=torch.float32)  # (b, 3, H, W)
+    return torch.stack(base_detail(x, order, **at_params).bases, 1).half().cpu()
+
+
+def _load_part(folder: Path, stamp: dict, first: int, count: int) -> torch.Tensor | None:
+    """The bases of a finished part, or None when it is missing, unreadable or of other data."""
+    path = folder / f"part-{first:09d}.pt"
+    if not path.is_file():
+        return None
+    try:
+        part = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception:  # a part cut short by a kill: computed again
+        return None
+    if not isinstance(part, dict) or {k: part.get(k) for k in stamp} != stamp:
+        return None
+    if (part.get("first"), part.get("count")) != (first, count):
+        return None
+    bases = part.get("bases")
+    if not isinstance(bases, torch.Tensor) or len(bases) != count or not bases.isfinite().all():
+        return None
+    return bases
 
 
 def _load(path: Path, key: dict, expect: torch.Tensor, content: str | None):
@@ -185,9 +236,14 @@ def decompose_dataset(
             if _stat(path) not in (seen, None):  # written by another process while we waited
                 bases = _load(path, key, fingerprint, content)
             if bases is None:
-                bases = _compute(dataset, n, order, at_params, batch_size, device, progress)
+                parts = path.with_name(f".{path.stem}.parts")
+                stamp = {"key": key, "content": content, "batch_size": batch_size}
+                bases = _compute(
+                    dataset, n, order, at_params, batch_size, device, progress, (parts, stamp)
+                )
                 blob = {"key": key, "bases": bases, "fingerprint": fingerprint, "content": content}
                 atomic_torch_save(blob, path)
+                shutil.rmtree(parts, ignore_errors=True)
     return bases.expand(-1, -1, fingerprint.shape[1], -1, -1)
 
 

@@ -9,7 +9,13 @@ any point leaves every listed file complete and ``last.pt`` pointing at one of t
 Loading (:func:`load_latest`) checks each listed file's sha256 before unpickling it, newest
 first: a truncated file, a bit flip in the weights or a missing file is skipped with a warning
 that names it and says which checkpoint is used instead; when none is usable the error lists why.
-A folder without a manifest (written before it existed) is read from ``last.pt`` unchecked.
+That fallback is for resuming (it costs ``ckpt_every`` steps, not the stage). A finished stage's
+weights are read with ``fallback=False``: an unusable newest checkpoint is then an error, as
+the stage is not finished any more (training it again resumes from the older one and repairs
+it), never an older model handed out as the finished one. ``last.pt`` is derived from the
+manifest: the loader does not need it, and :func:`repair_last` points it at the newest
+checkpoint again when it dangles. A folder without a manifest (written before it existed) is read
+from ``last.pt`` unchecked.
 
 Under FSDP a checkpoint is that file (step, history, schedulers, RNG; whole weights only when it
 ends a training run: the consolidated export) plus a folder ``step-<step>.dcp`` of
@@ -40,6 +46,15 @@ CKPT_NAME = "last.pt"
 MANIFEST = "checkpoints.json"
 KEEP = 2  # checkpoints kept: a corrupt newest one costs ckpt_every steps, not the stage
 INSTALLED = "shipped.json"  # in a stage folder installed from cartlib.shipped, not trained here
+
+
+class CheckpointError(RuntimeError, ValueError):
+    """A stage folder's checkpoints cannot be used; the message names the file and what to do.
+    (A ValueError as well, so that the CLI prints the message without a traceback.)"""
+
+
+class NotNewest(FileNotFoundError):
+    """The newest checkpoint of a finished stage is unusable (``load_latest(fallback=False)``)."""
 
 
 def installed_from(folder: str | Path) -> dict[str, Any] | None:
@@ -77,9 +92,10 @@ def read_manifest(folder: Path) -> list[dict[str, Any]] | None:
     try:
         return json.loads(path.read_text())["checkpoints"]
     except (ValueError, KeyError) as e:
-        raise RuntimeError(
-            f"{path} cannot be read ({type(e).__name__}: {e}); move the folder away to start "
-            "this stage afresh"
+        raise CheckpointError(
+            f"{path} cannot be read ({type(e).__name__}: {e}). Remove it to read the stage "
+            f"from {CKPT_NAME} without checksums (the checkpoint files stay), or move the "
+            "folder away to start this stage afresh"
         ) from e
 
 
@@ -137,14 +153,22 @@ def _problem(folder: Path, entry: dict[str, Any], shards: bool) -> str | None:
     return reason
 
 
-def load_latest(folder: str | Path, shards: bool = False) -> tuple[dict[str, Any], Path] | None:
+def load_latest(
+    folder: str | Path, shards: bool = False, fallback: bool = True
+) -> tuple[dict[str, Any], Path] | None:
     """(state, path) of the newest usable checkpoint of ``folder``, or None when it has none;
     see the module docstring for checks and fallback. ``shards``: also check the FSDP shards
-    (to resume from them)."""
+    (to resume from them). ``fallback=False``: the newest checkpoint or :class:`NotNewest`."""
     folder = Path(folder)
     entries = read_manifest(folder)
     if entries is None:
         last = folder / CKPT_NAME
+        if last.is_symlink() and not last.exists():
+            raise CheckpointError(
+                f"{last} links to {last.readlink()}, which is missing, and {folder} has no "
+                f"{MANIFEST} to find another checkpoint: restore that file, or move the folder "
+                "away to train this stage afresh"
+            )
         return (load_checkpoint(last), last) if last.exists() else None
     bad = []
     for entry in entries:
@@ -163,7 +187,30 @@ def load_latest(folder: str | Path, shards: bool = False) -> tuple[dict[str, Any
                     )
                 return state, path
         bad.append(f"checkpoint {path} is unusable: {reason}")
-    raise RuntimeError(
+        if not fallback and len(entries) > 1:
+            raise NotNewest(
+                f"{bad[0]}; the older {entries[1]['file']} (step {entries[1]['step']}) is not "
+                "the model this stage finished with"
+            )
+    raise CheckpointError(
         f"no usable checkpoint in {folder}: {'; '.join(bad) or 'the manifest lists none'}. "
         "Move the folder away to start this stage afresh, or restore a copy"
     )
+
+
+def repair_last(folder: str | Path) -> bool:
+    """Point ``last.pt`` at the newest checkpoint the manifest lists when it points elsewhere
+    or nowhere (a dangling link: the file deleted or the link edited by hand); call holding the
+    folder's lock, after that checkpoint verified. True when it was repaired (said on stdout)."""
+    folder = Path(folder)
+    entries = read_manifest(folder)
+    if not entries or not (folder / entries[0]["file"]).is_file():
+        return False
+    last, name = folder / CKPT_NAME, entries[0]["file"]
+    if last.is_symlink() and str(last.readlink()) == name:
+        return False
+    was = f"a link to {last.readlink()}" if last.is_symlink() else (
+        "a file" if last.exists() else "missing")  # fmt: skip
+    atomic_symlink(name, last)
+    print(f"repaired {last}: it was {was}; it points at the newest checkpoint {name} again")
+    return True

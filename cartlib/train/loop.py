@@ -13,7 +13,10 @@ One loop (:func:`run_loop`) serves both: in-process on a CPU for smoke runs, and
 * one writer per stage folder: the main process holds its lock (:func:`cartlib.io.dir_lock`)
   from resume to the last save, so a second process training the same stage waits for it (and
   then resumes the finished checkpoint) instead of interleaving its saves;
-* a clear error on a non-finite loss that names the step and the last good checkpoint;
+* a clear error on a non-finite loss that names the step and the last good checkpoint, and no
+  checkpoint of weights that are not finite or that the update before it blew up (the norm of a
+  module multiplied more than :data:`MAX_GROWTH`-fold in one step): the last update of a run
+  included, which no loss ever sees;
 * loss curves in ``<dir>/history.json`` and a tqdm progress bar (``progress=False`` in tests).
 """
 
@@ -24,6 +27,7 @@ import json
 import math
 import os
 import random
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -38,14 +42,15 @@ from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
 from cartlib import hardware
-from cartlib.config import load_config
+from cartlib.cluster import stage_command
+from cartlib.config import ConfigError, load_config
 from cartlib.io import (  # noqa: F401 (load_checkpoint re-exported)
     DIST_TIMEOUT,
     atomic_write_bytes,
     dir_lock,
     load_checkpoint,
 )
-from cartlib.train.checkpoints import CKPT_NAME, KEEP, load_latest, save_checkpoint
+from cartlib.train.checkpoints import CKPT_NAME, KEEP, NotNewest, load_latest, save_checkpoint
 from cartlib.train.sharded import (
     is_sharded,
     load_shards,
@@ -133,6 +138,42 @@ def non_finite(modules: dict[str, nn.Module]) -> str:
         dist.all_gather_object(names, found)
         found = next((n for n in names if n), "")
     return found
+
+
+# A module whose weight norm one update multiplies by more than this has exploded (a checkpoint
+# of it is refused). One AdamW update moves each weight by about the learning rate; measured per
+# step: x1.01 (tiny tokenizer, lr 3e-3), x1.02 at most (tiny transformers at lr 0.5, the layout
+# tests' rate), x1e7 (tokenizer at lr 1e6, whose next loss is NaN).
+MAX_GROWTH = 1e3
+
+
+def weight_norms(modules: dict[str, nn.Module]) -> dict[str, float]:
+    """Collective under FSDP: the L2 norm of each module's parameters (unwrapped), over all
+    shards (fp32: an overflow reads as inf, which counts as exploded)."""
+    norms = []
+    for module in modules.values():
+        sq = [
+            torch.linalg.vector_norm((p.to_local() if isinstance(p, DTensor) else p).detach(),
+                                     dtype=torch.float32) ** 2
+            for p in module.parameters()
+        ]  # fmt: skip
+        norms.append(torch.stack(sq).sum() if sq else torch.zeros(()))
+    device = next((n.device for n in norms if n.device.type != "cpu"), torch.device("cpu"))
+    total = torch.stack([n.to(device) for n in norms])
+    rank, world = rank_world()
+    if world > 1 and is_sharded(*modules.values()):
+        dist.all_reduce(total)  # each rank holds a shard of every sharded parameter
+    return dict(zip(modules, total.sqrt().tolist(), strict=True))
+
+
+def exploded(before: dict[str, float], after: dict[str, float]) -> str:
+    """The first module whose weight norm grew more than :data:`MAX_GROWTH`-fold from ``before``
+    to ``after`` ("name: norm a -> b"), or ""."""
+    for name, b in before.items():
+        a = after[name]
+        if b > 0 and not a <= MAX_GROWTH * b:  # (a NaN norm counts too)
+            return f"{name}: weight norm {b:.4g} -> {a:.4g}, x{a / b:.3g}"
+    return ""
 
 
 def resume_rng(state: dict[str, Any]) -> None:
@@ -283,15 +324,21 @@ def run_loop(
         # process's last save may be on disk before another process looks
         save_empty = end == start and not path.exists()
 
-        def save(step: int) -> None:
+        def save(step: int, before: dict[str, float] | None = None) -> None:
             """The checkpoint of ``step``: one file from the main process, plus every rank's
-            shards under FSDP (then whole weights in the file only at this run's last save)."""
-            bad = non_finite(cores)  # collective: the update after the last check
+            shards under FSDP (then whole weights in the file only at this run's last save).
+            The weights are checked first (collectives): finite, and, given the norms
+            ``before`` the last update, not exploded by it (the loss check before each update
+            never sees what the last one did)."""
+            what, bad = "not finite", non_finite(cores)
+            if not bad and before is not None:
+                bad = exploded(before, weight_norms(cores))
+                what = f"exploded (the last update grew them over {MAX_GROWTH:g}-fold)"
             if bad:
                 last = f"the last good checkpoint is {path}" if path.exists() else (
                     "no checkpoint was written yet")  # fmt: skip
                 raise FloatingPointError(
-                    f"{desc}: the weights are not finite after step {step} ({bad}); nothing was "
+                    f"{desc}: the weights are {what} after step {step} ({bad}); nothing was "
                     f"saved and {last}. Lower the learning rate, set mixed_precision='no', or "
                     "check the input data for NaNs"
                 )
@@ -334,6 +381,8 @@ def run_loop(
             mininterval=1.0,  # a notebook widget update is an iopub message: keep them few (nbval)
         )
         for step in bar:
+            saving = (step + 1) % ckpt_every == 0 or step + 1 == end
+            before = weight_norms(cores) if saving else None  # what this step's update does
             logs = step_fn(step)
             bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
             if bad:
@@ -353,9 +402,9 @@ def run_loop(
                 {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "rec", "acc")},
                 refresh=False,
             )
-            if (step + 1) % ckpt_every == 0 or step + 1 == end:
+            if saving:
                 flush(step)  # the checkpoint's history covers every step before it
-                save(step + 1)
+                save(step + 1, before)
                 start = step + 1
         if save_empty:
             save(end)
@@ -396,14 +445,54 @@ def build_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95)):
     )
 
 
+# A stage folder's name ends in the artifact key of the settings it was trained with
+# (cartlib.train.tokenizer_dir / ar_dir): "tokenizer-<quantizer>-o<n>-<key>", "ar-d<depth>-...".
+STAGE_FOLDER = re.compile(r"(?P<stage>tokenizer|ar)-.+-(?P<key>[0-9a-f]{8})")
+
+
+def check_stage_config(path: str | Path, cfg) -> None:
+    """Refuse a stage folder whose ``config.yaml`` (read as ``cfg``) is not the one it was
+    trained with: its settings must hash to the key the folder is named by (folders named
+    otherwise, e.g. renamed by hand, are not checked). Building the model from edited settings
+    fails with a size mismatch at best and loads into a different model at worst."""
+    path = Path(path)
+    named = STAGE_FOLDER.fullmatch(path.name)
+    if named is None or cfg.artifact_key(named["stage"]) == named["key"]:
+        return
+    from cartlib import train  # (imports this module)
+
+    stage, config = named["stage"], path / "config.yaml"
+    edited = (train.tokenizer_dir if stage == "tokenizer" else train.ar_dir)(path.parent, cfg)
+    copy = path.parent / f"{edited.name}.yaml"
+    command = stage_command(cfg, f"train-{stage}", copy, path.parent)
+    raise ConfigError(
+        f"{config} is not the configuration the weights in {path} were trained with: its "
+        f"settings hash to {cfg.artifact_key(stage)}, the folder's name says {named['key']}. "
+        "It was edited after training (or the folder was renamed). Restore the file (from a "
+        "copy, or undo the edit); to train with the edited settings instead, copy it out and "
+        f"train them into their own folder ({edited.name}):\n  cp {config} {copy}\n  "
+        f"(restore {config})\n  {command}"
+    )
+
+
 def load_stage(path: str | Path, module: str, how: str, extra: tuple[str, ...] = ()):
-    """(config, state dict of ``module``) of a finished stage folder; a missing file is an error
-    that says how to produce it (``how``)."""
+    """(config, state dict of ``module``) of a finished stage folder, read from its newest
+    checkpoint (an unusable one is an error, not a fallback to an older model) with the
+    config it was trained with (:func:`check_stage_config`); a missing file is an error that
+    says how to produce it (``how``)."""
     path = Path(path)
     for need in ("config.yaml", *extra):
         if not (path / need).exists():
             raise FileNotFoundError(f"{path / need} is missing: train it first ({how})")
-    found = load_latest(path)
+    cfg = load_config(path / "config.yaml")
+    check_stage_config(path, cfg)
+    try:
+        found = load_latest(path, fallback=False)
+    except NotNewest as e:
+        raise NotNewest(
+            f"{path} holds no finished model any more: {e}. Train the stage again to repair "
+            f"it (it resumes from the older checkpoint: {how}), or restore the file"
+        ) from None
     if found is None:
         raise FileNotFoundError(f"{path / CKPT_NAME} is missing: train it first ({how})")
     state, file = found
@@ -413,4 +502,4 @@ def load_stage(path: str | Path, module: str, how: str, extra: tuple[str, ...] =
             f"{path / state['sharded']}: the last save of a training run writes them whole; "
             f"resume the training to its end ({how})"
         )
-    return load_config(path / "config.yaml"), state["modules"][module]
+    return cfg, state["modules"][module]
