@@ -70,6 +70,17 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--dataset", default=None, help="default: the preset's")
     p.add_argument("--run-dir", default=None, help="default: papermill_runs/<preset>")
     p = sub.add_parser(
+        "import-var",
+        help="install VAR's released VQ-VAE and transformer (.pth) as a run's finished stages",
+    )
+    which = p.add_mutually_exclusive_group(required=True)
+    which.add_argument("--preset", help="var-d16-256 ... var-d30-256")
+    which.add_argument("--config", help="or a config.yaml of such a run")
+    p.add_argument("--run-dir", required=True)
+    p.add_argument("--vae", required=True, help="vae_ch160v4096z32.pth")
+    p.add_argument("--var", required=True, help="var_d16.pth ... var_d30.pth")
+    p.add_argument("--num-classes", type=int, default=1000)
+    p = sub.add_parser(
         "probe-device", help="exit 0 when a device runs every op cartlib trains and samples with"
     )
     p.add_argument("device", help="cpu, cuda or mps")
@@ -135,6 +146,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         print(f"{args.device}: every operation cartlib uses runs", flush=True)
         return 0
+    if args.command == "import-var":
+        return _import_var(args)
     if args.command == "synthetic-data":
         make_image_folder(args.root, args.images, args.val_images, args.classes, seed=args.seed)
         return 0
@@ -145,6 +158,25 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     _leave_process_group()
     return code
+
+
+def _import_var(args) -> int:
+    """``import-var``: VAR's weights into a run directory, then the command that samples them."""
+    from cartlib.config import save_config
+    from cartlib.model.var_import import install_var_run
+
+    run_dir = runs.resolve_run_dir(args.run_dir)
+    try:
+        cfg = load_preset(args.preset) if args.preset else load_config(args.config)
+        tok_dir, ar_dir = install_var_run(cfg, run_dir, args.vae, args.var, args.num_classes)
+    except (ValueError, FileNotFoundError, RuntimeError) as e:
+        print(f"cartlib import-var: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
+    save_config(cfg, run_dir / "config.yaml")
+    print(f"installed VAR's tokenizer into {tok_dir}\nand its transformer into {ar_dir}")
+    print(f"sample (50 per class, VAR's FID setting):\n  accelerate launch --multi_gpu -m "
+          f"cartlib sample --config {run_dir / 'config.yaml'} --run-dir {run_dir}")  # fmt: skip
+    return 0
 
 
 def _leave_process_group() -> None:

@@ -317,3 +317,28 @@ def test_installed_run_is_what_the_stages_load_and_sample(tmp_path):
     torch.testing.assert_close(ours, theirs, atol=1e-5, rtol=1e-5)
     folder = stages.sample_images(cfg, tmp_path, per_class=1, batch=CLASSES, progress=False)
     assert len(list((folder / "png").glob("*.png"))) == CLASSES
+
+
+def test_import_var_command_installs_a_run_that_samples(tmp_path, capsys):
+    """``python -m cartlib import-var``: VAR's two files into a run directory, then the printed
+    ``sample`` stage runs on it; a file of another depth fails by name, rc 1."""
+    from cartlib.__main__ import main
+    from cartlib.config import save_config
+
+    cfg = load_preset("var-d16-256", data={"resolution": 8}, tokenizer=SMALL_VAE, ar={"depth": 1})
+    save_config(cfg, tmp_path / "var.yaml")
+    torch.save(var_state_dict(Tokenizer(cfg.tokenizer, cfg.decompose, 8)), tmp_path / "vae.pth")
+    sd = var_checkpoint(depth=1, patch_nums=(1, 2, 3, 4), vocab=16, cvae=4)
+    torch.save(sd, tmp_path / "var_d1.pth")
+    files = ["--vae", str(tmp_path / "vae.pth"), "--var", str(tmp_path / "var_d1.pth")]
+    run = ["--config", str(tmp_path / "var.yaml"), "--run-dir", str(tmp_path / "run")]
+    assert main(["import-var", *run, *files, "--num-classes", str(CLASSES)]) == 0
+    assert "cartlib sample --config" in capsys.readouterr().out
+    config = str(tmp_path / "run" / "config.yaml")
+    sample = ["sample", "--config", config, "--run-dir", str(tmp_path / "run"), "--per-class", "1"]
+    assert main([*sample, "--batch", str(CLASSES)]) == 0
+    assert len(list((tmp_path / "run").rglob("png/*.png"))) == CLASSES
+    torch.save(var_checkpoint(depth=2, patch_nums=(1, 2, 3, 4), vocab=16, cvae=4), tmp_path / "d2")
+    bad = ["--vae", str(tmp_path / "vae.pth"), "--var", str(tmp_path / "d2")]
+    assert main(["import-var", *run[:2], "--run-dir", str(tmp_path / "other"), *bad]) == 1
+    assert "depth" in capsys.readouterr().err

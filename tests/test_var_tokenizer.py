@@ -177,3 +177,34 @@ def test_loading_refuses_the_wrong_tokenizer_and_says_what_to_set():
 def test_var_arch_needs_group_norm_friendly_channels():
     with pytest.raises(ValueError, match="multiple of 32"):
         Tokenizer(TokenizerConfig(**{**SMALL, "channels": 24}), DecomposeConfig(order=0), 8)
+
+
+def test_init_from_installs_vars_weights_as_the_finished_tokenizer(tmp_path, capsys):
+    """``tokenizer.init_from``: VAR's VQ-VAE file becomes the run's finished tokenizer, strictly
+    loaded, nothing trained; the folder is keyed by it; a missing file or a CART tokenizer is
+    refused with what to do."""
+    from cartlib import runs, stages, train
+
+    path = tmp_path / "vae_ch160v4096z32.pth"
+    state = small_var_state(seed=3)
+    torch.save(state, path)
+    cfg = load_preset(
+        "smoke", data={"resolution": 8}, decompose={"order": 0}, mixed_precision="no",
+        tokenizer={**SMALL, "init_from": str(path), "steps": 50},
+    )  # fmt: skip
+    tok = runs.ensure_tokenizer(cfg, tmp_path / "run", progress=False)
+    assert "installed from" in capsys.readouterr().out
+    assert all(torch.equal(var_state_dict(tok)[k], state[k]) for k in state if "ema" not in k)
+    folder = train.tokenizer_dir(tmp_path / "run", cfg)
+    trained = cfg.updated(tokenizer={"init_from": None})
+    assert folder != train.tokenizer_dir(tmp_path / "run", trained)  # keyed by init_from
+    again = stages.trained("tokenizer", cfg, tmp_path / "run")  # finished: loaded, not installed
+    assert all(torch.equal(a, b) for a, b in zip(again.state_dict().values(),
+                                                 tok.state_dict().values()))  # fmt: skip
+    assert "installed from" not in capsys.readouterr().out
+    missing = cfg.updated(tokenizer={"init_from": str(tmp_path / "nowhere.pth")})
+    with pytest.raises(FileNotFoundError, match="does not exist: give the path of VAR's"):
+        runs.ensure_tokenizer(missing, tmp_path / "run2", progress=False)
+    cart = cfg.updated(tokenizer={"quantizer": "base_detail"}, decompose={"order": 1})
+    with pytest.raises(ValueError, match="order-0"):
+        runs.ensure_tokenizer(cart, tmp_path / "run3", progress=False)

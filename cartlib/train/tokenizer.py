@@ -90,6 +90,8 @@ def train_tokenizer(
     docstring); ``data`` = (images, bases or None, labels) in memory trains on those tensors as
     they are (no augmentation)."""
     t, d = cfg.tokenizer, cfg.data
+    if t.init_from:
+        return install_init_from(cfg, run_dir), []
     source = None if data is not None else source_for(d, "train", progress)  # data errors first
     out_dir = tokenizer_dir(run_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -204,6 +206,34 @@ def train_tokenizer(
             stream.close()
     tok = acc.unwrap_model(tok).eval()
     return tok, history
+
+
+def install_init_from(cfg, run_dir: str | Path):
+    """The finished tokenizer of ``cfg`` from ``tokenizer.init_from`` (VAR's released VQ-VAE,
+    loaded strictly by :func:`cartlib.tokenizer.var_layout.load_var_state_dict`), written into
+    its folder as the checkpoint of its last step: the tokenizer stage trains nothing."""
+    from cartlib.tokenizer.var_layout import load_var_state_dict
+    from cartlib.train.checkpoints import save_checkpoint
+
+    path = Path(cfg.tokenizer.init_from).expanduser()
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"tokenizer.init_from={cfg.tokenizer.init_from!r} does not exist: give the path of "
+            "VAR's vae_ch160v4096z32.pth (huggingface.co/FoundationVision/var), or unset "
+            "init_from to train the tokenizer"
+        )
+    tok = Tokenizer(cfg.tokenizer, cfg.decompose, cfg.data.resolution)
+    load_var_state_dict(tok, path)  # strict: a wrong file or architecture says which key
+    out_dir = tokenizer_dir(run_dir, cfg)
+    state = process_state()
+    if state.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_config(cfg.resolved(), out_dir / "config.yaml")
+        step = {"step": cfg.tokenizer.steps, "modules": {"tokenizer": tok.state_dict()}}
+        save_checkpoint(out_dir, {**step, "history": [], "init_from": str(path.resolve())})
+        print(f"tokenizer installed from {path} into {out_dir} (not trained)", flush=True)
+    state.wait_for_everyone()
+    return tok.eval()
 
 
 def micro_batches(n: int, micro: int) -> list[slice]:
