@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import sys
 
+import torch.distributed
+
 from cartlib.data import folder, load_dataset
 from cartlib.io import process_state
 
@@ -25,6 +27,8 @@ def main(root: str) -> None:
         "items": [str(ds.path(i)) for i in range(len(ds))],
         "skipped": [str(p) for p, _ in ds.skipped],
     }), flush=True)  # fmt: skip
+    torch.distributed.barrier()  # then close the group: gloo's threads at exit can abort a process
+    torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

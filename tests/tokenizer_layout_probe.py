@@ -43,6 +43,9 @@ def main(run_dir: str, micro: int, out: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({"params": tok.state_dict(), "loss": [h["loss"] for h in history],
                     "rank_diff": rank_diff, "processes": world}, out)  # fmt: skip
+    if torch.distributed.is_initialized():  # close the group: gloo's threads at exit can abort
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":
