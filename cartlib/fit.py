@@ -208,7 +208,7 @@ def choose_fit(
 # where it costs a second, and scaled to the run's resolution (tests/test_fit.py checks that the
 # per-pixel figure does not depend on the resolution it is measured at).
 TOKENIZER_PROBE_LATENT = 2  # the probe's latent side: resolution = 2 x the downsampling
-_TOKENIZER_PROBES: dict[str, dict[str, float]] = {}
+_TOKENIZER_PROBES: dict[str, dict[str, float]] = {}  # measurements per setting, this process
 
 
 def tokenizer_probe_config(cfg, latent: int = TOKENIZER_PROBE_LATENT):
@@ -318,3 +318,92 @@ def choose_tokenizer_fit(
         f"than {HEADROOM:.0%} of gpu_mem_gib={gpu_mem_gib}: use larger GPUs or a smaller "
         f"tokenizer (channels, ch_mult)"
     )
+
+
+# ------------------------------------------------------------------------------------- GPU-hours
+# What a full-scale run costs, stage by stage: floating-point operations counted by torch's
+# FlopCounterMode (the transformer on the meta device at its real size; the tokenizer on the
+# CPU at the 32-pixel probe, scaled by the pixels as its memory is), divided by a GPU's dense
+# bf16 rate times an assumed model-FLOP utilisation. The utilisations are assumptions, not
+# measurements (no GPU has run cartlib yet): benchmarks/gpu_check.py measures the throughput
+# that replaces them. Not counted: the per-batch decomposition and data loading.
+A100_BF16_TFLOPS = 312.0  # dense, per GPU
+ASSUMED_MFU = {"tokenizer": 0.3, "extract": 0.3, "ar": 0.4, "sample": 0.15}
+IMAGENET_TRAIN = 1_281_167
+FID_SAMPLES = 50_000
+
+
+def ar_forward_flops(cfg, num_classes: int = 1000) -> float:
+    """Floating-point operations of one image's teacher-forced transformer forward."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cartlib.model import build_model
+
+    schedule = cfg.schedule()
+    model = build_model(cfg, schedule, num_classes, device="meta")
+    first = schedule[0].h * schedule[0].w
+    labels = torch.zeros(1, dtype=torch.long, device="meta")
+    inputs = torch.empty(1, schedule.seq_len - first, cfg.tokenizer.latent_channels, device="meta")
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model(labels, inputs)
+    return float(counter.get_total_flops())
+
+
+def tokenizer_forward_flops(cfg) -> dict[str, float]:
+    """Per image at the run's resolution: ``train``, the tokenizer's training forward with its
+    losses (perceptual network, discriminator); ``encode``, the tokenization of one view."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from cartlib.perceptual import lpips_model
+    from cartlib.tokenizer import Tokenizer
+    from cartlib.tokenizer.losses import CompoundLoss
+
+    key = f"flops-{cfg.digest(cfg.tokenizer_sections())}"
+    if key in _TOKENIZER_PROBES:
+        return _TOKENIZER_PROBES[key]
+    probe = tokenizer_probe_config(cfg)
+    t, res = probe.tokenizer, probe.data.resolution
+    tok = Tokenizer(t, probe.decompose, res).train()
+    tok.quantizer.initialized.fill_(True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        perceptual = lpips_model(check_range=False) if t.w_lpips > 0 else None
+    crit = CompoundLoss(t, perceptual)
+    x = torch.rand(1, 3, res, res)
+    bases = torch.rand(1, tok.order, 3, res, res) if tok.order else None
+    scale = (cfg.data.resolution / res) ** 2
+    out = {}
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            o = tok(x, bases)
+            crit.generator_loss(o, o.target, o.target_base, t.gan_start)
+            crit.discriminator_loss(o.recon, o.target)
+        out["train"] = counter.get_total_flops() * scale
+        with FlopCounterMode(display=False) as counter:
+            tok.encode(x, bases)
+        out["encode"] = counter.get_total_flops() * scale
+    _TOKENIZER_PROBES[key] = out
+    return out
+
+
+def gpu_hours(
+    cfg, train_images: int = IMAGENET_TRAIN, samples: int = FID_SAMPLES,
+    tflops: float = A100_BF16_TFLOPS, mfu: dict[str, float] | None = None,
+) -> dict[str, float]:  # fmt: skip
+    """Estimated GPU-hours of each stage of ``cfg`` (and ``"total"``): tokenizer training,
+    token extraction (every training image in ``data.views`` views), transformer training and
+    sampling ``samples`` images with classifier-free guidance (two forwards per image; the
+    decoder's cost is small beside them and not counted). Training = 3 x the forward."""
+    mfu = {**ASSUMED_MFU, **(mfu or {})}
+    t, a = cfg.tokenizer, cfg.ar
+    tok = tokenizer_forward_flops(cfg)
+    ar = ar_forward_flops(cfg)
+    flops = {
+        "tokenizer": 0.0 if t.init_from else 3 * tok["train"] * t.steps * t.batch_size,
+        "extract": tok["encode"] * train_images * cfg.data.views,
+        "ar": 3 * ar * a.steps * a.batch_size,
+        "sample": 2 * ar * samples,
+    }
+    hours = {k: v / (tflops * 1e12 * mfu[k]) / 3600 for k, v in flops.items()}
+    hours["total"] = sum(hours.values())
+    return hours

@@ -37,6 +37,7 @@ ALIASES = {
     "data_root": "data.root",
     "tokenizer_steps": "tokenizer.steps",
     "ar_steps": "ar.steps",
+    "tokenizer_init_from": "tokenizer.init_from",
 }
 
 
@@ -201,6 +202,7 @@ class TrainARParams:  # 04_train_ar
     num_processes: int | None = None
     mixed_precision: str | None = None
     data_root: str | None = None
+    tokenizer_init_from: str | None = None
     gpu_mem_gib: float | None = None
     num_machines: int = 1
     machine_rank: int = 0
@@ -214,17 +216,27 @@ class TrainARParams:  # 04_train_ar
 class SamplingParams:  # 05_sampling
     preset: str = "tiny"
     dataset: str | None = None
+    data_root: str | None = None
+    tokenizer_init_from: str | None = None
     guidance: float = 2.0
     cfg_schedule: str = "linear"
     top_k: int = 0
     top_p: float = 1.0
     temperature: float = 1.0
     n_per_class: int = 4
+    grid_classes: int = 10
     seed: int = 42
     sweep: bool = True
+    adm_reference: str = ""
+    fid_per_class: int = 50
     retrain: bool = False
     run_dir: str = "papermill_runs/shipped"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        for name in ("n_per_class", "grid_classes", "fid_per_class"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}={getattr(self, name)} is out of range: must be >= 1")
 
 
 @dataclass

@@ -96,6 +96,39 @@ def test_series_passes_every_params_yaml_entry_to_a_declared_parameter():
             notebook_config(name, params)  # validates names and types
 
 
+def test_named_full_scale_runs_train_and_sample_one_model():
+    """papermill_runs/cart-d16-256 and var-d16-256: notebook 05 opens the very tokenizer and
+    transformer notebook 04 trains (the same artifact keys: data root, VAR's VQ-VAE given to
+    both), with the paper's FID protocol switched on."""
+    import dataclasses
+    from pathlib import Path
+
+    import yaml
+
+    from cartlib.params import NOTEBOOKS
+
+    root = Path(__file__).resolve().parents[1] / "papermill_runs"
+    for preset in ("cart-d16-256", "var-d16-256"):
+        spec = yaml.safe_load((root / preset / "params.yaml").read_text())
+        assert spec["notebooks"] == ["04_train_ar", "05_sampling"]
+        cfgs = {}
+        for name in spec["notebooks"]:
+            declared = {f.name for f in dataclasses.fields(NOTEBOOKS[name][0])}
+            _, cfgs[name] = notebook_config(name, notebook_parameters(spec, name, declared))
+        train, sample = cfgs["04_train_ar"], cfgs["05_sampling"]
+        assert train.name == preset and train.data.root
+        for stage in ("tokenizer", "ar"):
+            assert train.artifact_key(stage) == sample.artifact_key(stage), (preset, stage)
+        assert (sample.sample.guidance, sample.sample.top_k, sample.sample.top_p) == (
+            1.5,
+            900,
+            0.96,
+        )
+        assert spec["05_sampling"]["adm_reference"] and spec["05_sampling"]["fid_per_class"] == 50
+    var = yaml.safe_load((root / "var-d16-256" / "params.yaml").read_text())
+    assert var["common"]["tokenizer_init_from"].endswith("vae_ch160v4096z32.pth")
+
+
 def test_config_owns_its_derived_values_and_refuses_inconsistent_quantizer_order():
     cfg = load_preset("smoke")
     assert cfg.order == 3 and cfg.schedule().n_steps == 4 + 3

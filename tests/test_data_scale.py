@@ -545,3 +545,25 @@ def test_prefetched_steps_are_the_steps_asked_for():
     assert prefetch(7) == 70
     prefetch.close()
     assert calls == [0, 1, 2, 3, 4, 5, 6, 7]  # nothing read twice, nothing past the last step
+
+
+def test_full_scale_sampling_is_launched_over_the_processes_and_matches_one(run, monkeypatch):
+    """``launch.sample_stage`` (notebook 05's FID samples): a full-scale run's sample set is
+    drawn by ``accelerate launch -m cartlib sample`` over the processes (here 2 CPU processes,
+    by the explicit opt-in), and holds the files one process draws."""
+    from cartlib import launch as launch_module
+
+    base, cfg = run["base"], run["cfg"].updated(num_processes=2)
+    shutil.copytree(train.tokenizer_dir(base / "ref", cfg), train.tokenizer_dir(base / "st", cfg))
+    runs.ensure_ar(cfg, base / "st", progress=False)
+    monkeypatch.setattr(launch_module, "full_scale", lambda c: True)
+    monkeypatch.setenv(FULL_SCALE_ON_CPU, "1")
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    folder = launch_module.sample_stage(cfg, base / "st", per_class=2, seed=5, batch=3)
+    launched = files_of(folder / "png")
+    assert len(launched) == 2 * 4 and (base / "st" / "sample-config.yaml").exists()
+    shutil.rmtree(folder)
+    monkeypatch.delenv(FULL_SCALE_ON_CPU)  # now drawn here, by this process alone
+    again = launch_module.sample_stage(cfg, base / "st", per_class=2, seed=5, batch=3)
+    assert again == folder and files_of(again / "png") == launched

@@ -183,3 +183,24 @@ def test_full_scale_tokenizer_runs_are_planned_and_small_ones_are_not(capsys):
     assert plan_tokenizer(cfg.updated(tokenizer={"micro_batch": 1}), 16).tokenizer.micro_batch == 1
     smoke = load_preset("smoke")
     assert plan_tokenizer(smoke, 1) is smoke
+
+
+# ------------------------------------------------------------------------------------ GPU-hours
+def test_counted_transformer_flops_match_the_formula():
+    """The GPU-hour estimates rest on FlopCounterMode's count of one forward: for CART-d16 it
+    equals the textbook count (24 W² per token and block for the projections and MLP, 4 S W for
+    the dense attention, the head, the input projection, the per-image adaLN) within 1 %."""
+    from cartlib.fit import ar_forward_flops, gpu_hours
+
+    cfg = load_preset("cart-d16-256")
+    s, a, t = cfg.schedule(), cfg.ar, cfg.tokenizer
+    w, n, depth = a.model_width, s.seq_len, a.depth
+    first = s[0].h * s[0].w
+    formula = n * depth * (24 * w * w + 4 * n * w) + 2 * n * w * t.codebook_size
+    formula += 2 * (n - first) * t.latent_channels * w + 2 * depth * w * 6 * w + 2 * w * 2 * w
+    counted = ar_forward_flops(cfg)
+    print(f"counted {counted / 1e12:.4f} TFLOP, formula {formula / 1e12:.4f}")
+    assert counted == pytest.approx(formula, rel=0.01)
+    d16, d30 = gpu_hours(cfg), gpu_hours(load_preset("cart-d30-256"))
+    assert 0 < d16["ar"] < d30["ar"] and d16["tokenizer"] == pytest.approx(d30["tokenizer"])
+    assert gpu_hours(cfg.updated(tokenizer={"init_from": "vae.pth"}))["tokenizer"] == 0
