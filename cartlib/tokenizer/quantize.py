@@ -14,6 +14,13 @@ Each step has its own phi_k (a 3x3 conv mixed with its input, phi(z) = (1-r) z +
 r = 1/2 as in VAR), or ``phi_share`` shared convs picked by the step's relative position (VAR's
 "partially shared" phi). One codebook Z (V x C) serves every step.
 
+Straight-through (``straight_through``, see docs/straight-through.md): the decoder sees f_hat's
+value in both modes; its gradient reaches the encoder through f (f_I, f_{B_n}) always, and
+``"cartlib"`` also lets it reach the codebook and the phi convs through f_hat itself. ``"var"``
+(VAR's VQ-VAE, ``VectorQuantizer2.forward``) stops it there: the codebook and the phi convs then
+learn only from the VQ loss (each step's accumulated f_hat against f). The forward values are the
+same in both modes.
+
 Shapes: features (B, C, h_M, w_M); token maps r_k (B, h_k, w_k) of int64.
 """
 
@@ -30,6 +37,21 @@ from cartlib.schedule import TokenSchedule
 from cartlib.tokenizer.vqvae import resize
 
 QUANTIZERS = ("vanilla", "multiscale", "base_detail")
+STRAIGHT_THROUGH = ("cartlib", "var")
+
+
+def resolve_straight_through(straight_through: str | None, arch: str) -> str:
+    """``TokenizerConfig.straight_through`` as the quantizer uses it: the value when set, else by
+    the tokenizer's arch ("var" for ``arch: var``, as VAR trains its VQ-VAE; "cartlib" otherwise,
+    what every cartlib tokenizer trained before the option existed used)."""
+    if straight_through is None:
+        return "var" if arch == "var" else "cartlib"
+    if straight_through not in STRAIGHT_THROUGH:
+        raise ValueError(
+            f"straight_through={straight_through!r}: choose one of "
+            f"{', '.join(STRAIGHT_THROUGH)} (or None: by arch)"
+        )
+    return straight_through
 
 
 class Phi(nn.Module):
@@ -63,10 +85,12 @@ class ScheduleQuantizer(nn.Module):
         phi_share: int = 0,
         phi_kernel: int = 3,
         carry: bool = False,
+        straight_through: str = "cartlib",
     ):
         super().__init__()
         self.schedule = schedule
         self.carry = carry
+        self.straight_through = resolve_straight_through(straight_through, "cartlib")
         self.beta = beta
         self.codebook = nn.Embedding(codebook_size, dim)
         nn.init.uniform_(self.codebook.weight, -1 / codebook_size, 1 / codebook_size)
@@ -179,14 +203,22 @@ class ScheduleQuantizer(nn.Module):
             if m == self.schedule.n_base - 1:
                 f_hat_base = sum(chain_hat.values())
         f_hat = sum(chain_hat.values())
-        f_base = targets[0]
         return QuantOutput(
-            f_hat=f_image + (f_hat - f_image).detach() + (f_hat - f_hat.detach()),
-            f_hat_base=f_base + (f_hat_base - f_base).detach() + (f_hat_base - f_hat_base.detach()),
+            f_hat=self.pass_through(f_image, f_hat),
+            f_hat_base=self.pass_through(targets[0], f_hat_base),
             tokens=tokens,
             vq_loss=torch.stack(losses).mean(),
             step_mse=torch.stack(step_mse),
         )
+
+    def pass_through(self, f: torch.Tensor, f_hat: torch.Tensor) -> torch.Tensor:
+        """What the decoder gets: f_hat's value, with the decoder's gradient passed straight to
+        f (the encoder) and, for ``"cartlib"``, also to f_hat (codebook and phi convs). VAR
+        (``"var"``): only to f. (B,C,h,w), (B,C,h,w) -> (B,C,h,w)"""
+        out = f + (f_hat - f).detach()
+        if self.straight_through == "cartlib":
+            out = out + (f_hat - f_hat.detach())
+        return out
 
     @torch.no_grad()
     def quantize_base(self, f_base: torch.Tensor, upto: int | None = None) -> list[torch.Tensor]:

@@ -21,7 +21,12 @@ from torch import nn
 from cartlib.config import DecomposeConfig, TokenizerConfig, decomposition_order
 from cartlib.decompose.factors import Factorization
 from cartlib.schedule import TokenSchedule
-from cartlib.tokenizer.quantize import QUANTIZERS, QuantOutput, ScheduleQuantizer
+from cartlib.tokenizer.quantize import (
+    QUANTIZERS,
+    QuantOutput,
+    ScheduleQuantizer,
+    resolve_straight_through,
+)
 from cartlib.tokenizer.vqvae import ARCHS, downsample_factor
 
 
@@ -72,6 +77,7 @@ class Tokenizer(nn.Module):
             cfg.phi_share,
             cfg.phi_kernel,
             cfg.detail_carry,
+            resolve_straight_through(cfg.straight_through, cfg.arch),
         )
 
     @property
