@@ -11,7 +11,7 @@ STAMP := $(VENV)/.cartlib-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: run test test-avx2 lab install data lint format bench clean-runs
+.PHONY: run test test-avx2 check-full lab install data lint format bench clean-runs
 
 run: install data  ## execute the notebook series at $(PRESET) into papermill_runs/$(PRESET)/
 	$(PY) -m cartlib run-series --preset $(PRESET)
@@ -26,6 +26,11 @@ test: install data  ## unit tests + every notebook at its committed defaults (nb
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 test-avx2: install data  ## make test as an AVX2-only CPU runs it
 	$(AVX2_ONLY) $(MAKE) test
+
+# Every stage of cart-d16-256 and var-d16-256 at full shape (256², VAR's VQ-VAE, d16), 2 steps
+# each, on the CPU; the deeper presets on the meta device. Minutes and ~15 GB of RAM: not in `test`.
+check-full: install data  ## full-shape smoke of the full-scale presets (CPU, ~15-20 min)
+	$(PY) tests/check_full_shape.py
 
 lab: install data  ## open the notebooks in JupyterLab (kernel "cartlib"); runs nothing itself
 	$(VENV)/bin/jupyter lab notebooks

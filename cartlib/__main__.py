@@ -15,11 +15,12 @@ import contextlib
 import sys
 
 from cartlib import hardware, launch, runs, shipped, stages, train
-from cartlib.config import load_config, load_preset
+from cartlib.config import load_config, load_preset, save_config
 from cartlib.data import BadFileError, DatasetUnavailableError, check_dataset
 from cartlib.data.stream import source_for
 from cartlib.data.synthetic import make_image_folder
 from cartlib.io import DiskFullError, LockTimeout, dir_lock
+from cartlib.model.var_import import install_var_run
 from cartlib.series import run_series
 from cartlib.shards import ShardError
 from cartlib.train.probe import run_probe
@@ -162,9 +163,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _import_var(args) -> int:
     """``import-var``: VAR's weights into a run directory, then the command that samples them."""
-    from cartlib.config import save_config
-    from cartlib.model.var_import import install_var_run
-
     run_dir = runs.resolve_run_dir(args.run_dir)
     try:
         cfg = load_preset(args.preset) if args.preset else load_config(args.config)

@@ -321,6 +321,13 @@ class RunConfig:
         blob = json.dumps({s: d[s] for s in sections}, sort_keys=True, default=str)
         return hashlib.sha1(blob.encode()).hexdigest()[:8]
 
+    def stage_folder(self, stage: str) -> str:
+        """The folder name a trained ``stage`` ("tokenizer" or "ar") of this config lives in:
+        ``tokenizer-<quantizer>-o<order>-<key>`` or ``ar-d<depth>-<quantizer>-o<order>-<key>``
+        (:meth:`artifact_key`)."""
+        kind = f"{self.tokenizer.quantizer}-o{self.order}-{self.artifact_key(stage)}"
+        return f"tokenizer-{kind}" if stage == "tokenizer" else f"ar-d{self.ar.depth}-{kind}"
+
     def artifact_key(self, stage: str) -> str:
         """The hash that names a trained ``stage`` ("tokenizer" or "ar"): its sections (the
         transformer's include the tokenizer's) and every top-level setting but the name, as

@@ -34,9 +34,15 @@ import warnings
 from dataclasses import dataclass
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 
 from cartlib.config import load_preset
+from cartlib.model import build_model
 from cartlib.model.transformer import Block
+from cartlib.perceptual import lpips_model
+from cartlib.tokenizer import Tokenizer
+from cartlib.tokenizer.losses import CompoundLoss
+from cartlib.tokenizer.vqvae import downsample_factor
 
 GIB = 2**30
 MIN_MICRO_BATCH = 8  # below this a GPU runs inefficiently: prefer sharding/checkpointing first
@@ -215,8 +221,6 @@ def tokenizer_probe_config(cfg, latent: int = TOKENIZER_PROBE_LATENT):
     """``cfg`` at the smallest resolution its tokenizer takes (latent ``latent`` x ``latent``):
     the same architecture, losses and decomposition, the base scales cut to end at ``latent``,
     the discriminator's loss on from the first step."""
-    from cartlib.tokenizer.vqvae import downsample_factor
-
     t = cfg.tokenizer
     patches = tuple(p for p in t.base_patch_nums if p < latent) + (latent,)
     return cfg.updated(
@@ -234,10 +238,6 @@ def tokenizer_activation_probe(
     run's own networks: trained (tokenizer and discriminator) and frozen (the perceptual
     network). Memoised per setting.
     ``precision``: ``bf16`` (autocast, as on GPUs) or ``no`` (fp32)."""
-    from cartlib.perceptual import lpips_model
-    from cartlib.tokenizer import Tokenizer
-    from cartlib.tokenizer.losses import CompoundLoss
-
     probe = tokenizer_probe_config(cfg, latent)
     key = f"{cfg.digest(cfg.tokenizer_sections())}-{latent}-{precision}"
     if key in _TOKENIZER_PROBES:
@@ -335,10 +335,6 @@ FID_SAMPLES = 50_000
 
 def ar_forward_flops(cfg, num_classes: int = 1000) -> float:
     """Floating-point operations of one image's teacher-forced transformer forward."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from cartlib.model import build_model
-
     schedule = cfg.schedule()
     model = build_model(cfg, schedule, num_classes, device="meta")
     first = schedule[0].h * schedule[0].w
@@ -352,12 +348,6 @@ def ar_forward_flops(cfg, num_classes: int = 1000) -> float:
 def tokenizer_forward_flops(cfg) -> dict[str, float]:
     """Per image at the run's resolution: ``train``, the tokenizer's training forward with its
     losses (perceptual network, discriminator); ``encode``, the tokenization of one view."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from cartlib.perceptual import lpips_model
-    from cartlib.tokenizer import Tokenizer
-    from cartlib.tokenizer.losses import CompoundLoss
-
     key = f"flops-{cfg.digest(cfg.tokenizer_sections())}"
     if key in _TOKENIZER_PROBES:
         return _TOKENIZER_PROBES[key]

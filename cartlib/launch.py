@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from cartlib.cluster import Cluster, launch_args, node_commands, slurm_script
+from cartlib.cluster import Cluster, node_commands, slurm_script
 from cartlib.config import RunConfig, save_config
 from cartlib.data import imagefolder_num_classes, load_dataset_from_config
 from cartlib.fit import (
@@ -242,10 +242,10 @@ def launch(plan: Plan, cfg: RunConfig, run_dir: str | Path) -> int:
     """Write the config (with the plan's layout) and run ``plan.command``, streaming its output;
     returns the exit code."""
     save_config(plan.config or cfg, Path(run_dir) / "launch-config.yaml")
-    return _stream(shlex.split(plan.command))
+    return stream(shlex.split(plan.command))
 
 
-def _stream(args: list[str]) -> int:
+def stream(args: list[str]) -> int:
     """Run ``args`` (``accelerate launch ...`` through this interpreter, so that a kernel
     without the environment's ``bin`` on its PATH finds it), streaming its output; -> exit code."""
     print(f"$ {shlex.join(args)}", flush=True)
@@ -255,33 +255,6 @@ def _stream(args: list[str]) -> int:
     for line in proc.stdout:
         sys.stdout.write(line)
     return proc.wait()
-
-
-def sample_stage(
-    cfg: RunConfig, run_dir: str | Path, per_class: int | None = None, seed: int = 0,
-    batch: int = 50,
-) -> Path:  # fmt: skip
-    """The sample set of the paper's FID protocol (``per_class`` images of every class, default
-    ``cfg.sample.per_class``; PNGs and the ADM evaluator's ``samples.npz``), drawn with
-    ``cfg.sample``'s settings: for a full-scale run on a machine with several GPUs (or, under
-    :data:`FULL_SCALE_ON_CPU`, CPU processes) by ``accelerate launch -m cartlib sample`` over
-    them, each process its share of the chunks; else here. -> the sample folder (the same files
-    either way: chunks are seeded by their index)."""
-    from cartlib.stages import sample_images
-
-    run_dir = Path(run_dir)
-    gpus = torch.cuda.device_count()
-    procs = min(gpus, cfg.num_processes) if gpus else cfg.num_processes * cpu_full_scale()
-    if full_scale(cfg) and procs > 1:
-        config_path = run_dir / "sample-config.yaml"
-        save_config(cfg, config_path)
-        args = launch_args(Cluster(procs), "sample", config_path, run_dir, cfg.mixed_precision)
-        args += ["--batch", str(batch), "--seed", str(seed)]
-        args += ["--per-class", str(per_class)] if per_class is not None else []
-        code = _stream(args)
-        if code != 0:
-            raise RuntimeError(f"sampling exited with code {code}; see its output above")
-    return sample_images(cfg, run_dir, per_class, batch, seed, progress=False)  # (finished: read)
 
 
 def explain(plan: Plan) -> None:

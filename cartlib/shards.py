@@ -131,6 +131,9 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         return shape, dtype, f.tell()
 
 
+OLD_VIEWS = "centre, mirror, random crops"  # views of shards that do not say (written before)
+
+
 def check_shard(folder: Path, shard: Shard, expect: dict) -> str | None:
     """Why shard ``shard`` is not a finished shard holding ``expect`` (tokenizer, views, seq_len),
     "missing" when it was never finished, or None when it is good."""
@@ -155,8 +158,9 @@ def check_shard(folder: Path, shard: Shard, expect: dict) -> str | None:
         "start": shard.start,
         "count": shard.count,
         **{k: expect[k] for k in ("views", "seq_len")},
+        "views_are": expect.get("views_are", OLD_VIEWS),
     }
-    got = {k: rec.get(k) for k in want}
+    got = {k: rec.get(k, OLD_VIEWS if k == "views_are" else None) for k in want}
     if got != want:
         return f"its record says {got}, expected {want}"
     shape = (shard.count, expect["views"], expect["seq_len"])

@@ -29,9 +29,9 @@ import torch
 from PIL import Image
 from tqdm.auto import tqdm
 
+from cartlib import launch, train
 from cartlib import shipped as shipped_stages
-from cartlib import train
-from cartlib.cluster import stage_command
+from cartlib.cluster import Cluster, launch_args, stage_command
 from cartlib.config import ConfigError, load_config, save_config
 from cartlib.data.augment import hash_seed, view
 from cartlib.data.stream import Bases, ItemSource, batches, source_for
@@ -39,6 +39,7 @@ from cartlib.hardware import HALF_DTYPES, PRECISIONS
 from cartlib.io import atomic_write_bytes, disk_full_error, process_state, resolve_run_dir
 from cartlib.sample import generate
 from cartlib.shards import (
+    OLD_VIEWS,
     TOKEN_DTYPE,
     ShardWriter,
     TokenShards,
@@ -181,6 +182,7 @@ def _meta(cfg, tokenizer, source: ItemSource, split: str) -> dict:
         "split": split,
         "dataset": source.key,
         "views": d.views,
+        "views_are": views_are(d),
         "seq_len": sched.seq_len,
         "schedule": sched.describe(),
         "codebook_size": tokenizer.quantizer.codebook_size,
@@ -237,6 +239,13 @@ def extract_shards(
     return TokenShards(folder, meta["tokenizer"], rebuild)
 
 
+def views_are(d) -> str:
+    """What the extracted views of data section ``d`` are (:func:`cartlib.data.augment.view`)."""
+    if d.random_crop:
+        return "random crops, half mirrored" if d.hflip else "random crops"
+    return OLD_VIEWS
+
+
 def _encode(cfg, tokenizer, source, folder, todo, meta, device, progress) -> None:
     """Encode the shards ``todo`` in fixed batches of ``tokenizer.batch_size`` images: the global
     batch of tokenizer training, encoded without gradients (so it fits where a training step's
@@ -246,8 +255,9 @@ def _encode(cfg, tokenizer, source, folder, todo, meta, device, progress) -> Non
     bases_of = Bases(cfg, source, device, progress)
     plan = []  # (shard, first row, requests) per batch, in reading order
     for shard in todo:
-        rows = [view(i, v, seed) for i in range(shard.start, shard.start + shard.count)
-                for v in range(views)]  # fmt: skip
+        span = range(shard.start, shard.start + shard.count)
+        rows = [view(i, v, seed, cfg.data.random_crop, cfg.data.hflip)
+                for i in span for v in range(views)]  # fmt: skip
         plan += [(shard, r, rows[r : r + bs]) for r in range(0, len(rows), bs)]
     reads = batches(source, [reqs for _, _, reqs in plan], cfg.data.workers, device.type == "cuda")
     bar = tqdm(total=sum(s.count for s in todo), desc="extract tokens", unit="img",
@@ -374,3 +384,28 @@ def pack_npz(files: list[Path], path: Path) -> None:
                     raise ValueError(f"{file} is {arr.shape}, the first sample {first.shape}")
                 f.write(np.ascontiguousarray(arr).tobytes())
     os.replace(tmp, path)
+
+
+def sample_stage(
+    cfg, run_dir: str | Path, per_class: int | None = None, seed: int = 0,
+    batch: int = 50,
+) -> Path:  # fmt: skip
+    """The sample set of the paper's FID protocol (``per_class`` images of every class, default
+    ``cfg.sample.per_class``; PNGs and the ADM evaluator's ``samples.npz``), drawn with
+    ``cfg.sample``'s settings: for a full-scale run on a machine with several GPUs (or, under
+    :data:`cartlib.launch.FULL_SCALE_ON_CPU`, CPU processes) by ``accelerate launch -m cartlib
+    sample`` over them, each process its share of the chunks; else here. -> the sample folder
+    (the same files either way: chunks are seeded by their index)."""
+    run_dir = Path(run_dir)
+    gpus = torch.cuda.device_count()
+    procs = min(gpus, cfg.num_processes) if gpus else cfg.num_processes * launch.cpu_full_scale()
+    if launch.full_scale(cfg) and procs > 1:
+        config_path = run_dir / "sample-config.yaml"
+        save_config(cfg, config_path)
+        args = launch_args(Cluster(procs), "sample", config_path, run_dir, cfg.mixed_precision)
+        args += ["--batch", str(batch), "--seed", str(seed)]
+        args += ["--per-class", str(per_class)] if per_class is not None else []
+        code = launch.stream(args)
+        if code != 0:
+            raise RuntimeError(f"sampling exited with code {code}; see its output above")
+    return sample_images(cfg, run_dir, per_class, batch, seed, progress=False)  # (finished: read)

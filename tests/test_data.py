@@ -337,3 +337,22 @@ def test_loader_is_seeded_and_config_limits_apply():
     assert len(list(data.make_loader(ds, 8, shuffle=False))) == 3
     with pytest.raises(ValueError, match="batch_size=64 exceeds the 20 items"):
         data.make_loader(ds, 64)
+
+
+def test_extraction_views_are_vars_crops_at_full_scale_and_flips_when_small():
+    """Full-scale presets (random_crop, no hflip): every extracted view is a random crop, never
+    mirrored, the same for the same (seed, image, view); small presets keep the centre crop
+    and its mirror (LlamaGen) as views 0 and 1."""
+    from cartlib.config import load_preset
+    from cartlib.data.augment import view
+
+    d = load_preset("cart-d16-256").data
+    assert d.random_crop and not d.hflip and d.views == 16
+    crops = [view(7, v, 0, d.random_crop, d.hflip) for v in range(d.views)]
+    assert not any(c.flip for c in crops)
+    assert len({(c.top, c.left) for c in crops}) == d.views  # no two views alike
+    assert view(7, 3, 0, True, False) == crops[3]
+    mirrored = [view(7, v, 0, True, True).flip for v in range(64)]
+    assert 16 < sum(mirrored) < 48  # with hflip: about half
+    small = [view(7, v, 0) for v in (0, 1)]
+    assert small[0].top is None and not small[0].flip and small[1].flip

@@ -128,7 +128,10 @@ def test_shards_hold_every_view_and_are_memory_mapped(run):
     source = source_for(run["cfg"].data, "train", progress=False)
     # the first extraction batch of shard 1 (tokenizer.batch_size = 8 views: images 16-19);
     # the tokenizer decomposes it itself here (the same solver on the same batch)
-    x, _, idx = source.batch([view(i, v, 0) for i in range(16, 20) for v in (0, 1)])
+    d = run["cfg"].data  # VAR's augmentation: two random crops (mirrored: hflip is on here)
+    x, _, idx = source.batch(
+        [view(i, v, 0, d.random_crop, d.hflip) for i in range(16, 20) for v in (0, 1)]
+    )
     maps = tok.encode(x.float() / 255)
     want = torch.cat([m.flatten(1) for m in maps], 1)
     assert torch.equal(shards.rows(idx, torch.tensor([0, 1] * 4)), want)
@@ -512,11 +515,8 @@ def test_processes_share_the_header_check_of_an_image_folder(tmp_path):
     root = make_image_folder(tmp_path / "images", images=24, sizes=(14, 20))
     bad = sorted((root / "train").rglob("*.png"))[5]
     bad.write_bytes(b"not an image")
-    out = accelerate_launch([Path(__file__).with_name("folder_check_probe.py"), root], 2)
-    reports = sorted(
-        (json.loads(x) for x in out.stdout.splitlines() if x.startswith("{")),
-        key=lambda r: r["rank"],
-    )
+    accelerate_launch([Path(__file__).with_name("folder_check_probe.py"), root, tmp_path], 2)
+    reports = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [r["rank"] for r in reports] == [0, 1] and reports[0]["world"] == 2
     assert [r["read"] for r in reports] == [12, 12]
     assert reports[0]["items"] == reports[1]["items"] and len(reports[0]["items"]) == 23
@@ -548,7 +548,7 @@ def test_prefetched_steps_are_the_steps_asked_for():
 
 
 def test_full_scale_sampling_is_launched_over_the_processes_and_matches_one(run, monkeypatch):
-    """``launch.sample_stage`` (notebook 05's FID samples): a full-scale run's sample set is
+    """``stages.sample_stage`` (notebook 05's FID samples): a full-scale run's sample set is
     drawn by ``accelerate launch -m cartlib sample`` over the processes (here 2 CPU processes,
     by the explicit opt-in), and holds the files one process draws."""
     from cartlib import launch as launch_module
@@ -560,10 +560,10 @@ def test_full_scale_sampling_is_launched_over_the_processes_and_matches_one(run,
     monkeypatch.setenv(FULL_SCALE_ON_CPU, "1")
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    folder = launch_module.sample_stage(cfg, base / "st", per_class=2, seed=5, batch=3)
+    folder = stages.sample_stage(cfg, base / "st", per_class=2, seed=5, batch=3)
     launched = files_of(folder / "png")
     assert len(launched) == 2 * 4 and (base / "st" / "sample-config.yaml").exists()
     shutil.rmtree(folder)
     monkeypatch.delenv(FULL_SCALE_ON_CPU)  # now drawn here, by this process alone
-    again = launch_module.sample_stage(cfg, base / "st", per_class=2, seed=5, batch=3)
+    again = stages.sample_stage(cfg, base / "st", per_class=2, seed=5, batch=3)
     assert again == folder and files_of(again / "png") == launched

@@ -103,14 +103,20 @@ def draw(
     ]
 
 
-def view(index: int, v: int, seed: int) -> Crop:
-    """View ``v`` of an image for token extraction: 0 the centre crop, 1 its mirror (LlamaGen's
-    two flips), v >= 2 a random crop, mirrored or not, drawn from (seed, index, v)."""
-    if v < 2:
+def view(
+    index: int, v: int, seed: int, random_crop: bool = False, hflip: bool = False
+) -> Crop:  # fmt: skip
+    """View ``v`` of an image for token extraction (the transformer's training data).
+
+    ``random_crop`` (VAR's augmentation, the full-scale presets): every view a random crop drawn
+    from (seed, index, v), mirrored (half of them) only with ``hflip`` — K views are K of the
+    crops VAR draws afresh each step. Otherwise (small presets): 0 the centre crop, 1 its mirror
+    (LlamaGen's two flips), v >= 2 a random crop, mirrored or not."""
+    if not random_crop and v < 2:
         return centre(index, flip=v == 1)
     g = torch.Generator().manual_seed(hash_seed(seed, index, v))
     a, b, c = torch.rand(3, generator=g, dtype=torch.float64).tolist()
-    return Crop(int(index), a, b, c < 0.5)
+    return Crop(int(index), a, b, c < 0.5 if (hflip or not random_crop) else False)
 
 
 def hash_seed(*parts: int) -> int:

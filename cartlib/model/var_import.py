@@ -66,7 +66,16 @@ from pathlib import Path
 
 import torch
 
+from cartlib import train
+from cartlib.config import save_config
+from cartlib.io import atomic_write_bytes
+from cartlib.model import build_model
 from cartlib.model.transformer import NextDetailTransformer
+from cartlib.shards import tokenizer_hash
+from cartlib.tokenizer.tokenizer import Tokenizer
+from cartlib.tokenizer.var_layout import load_var_state_dict
+from cartlib.train.ar import TOKENIZER_HASH
+from cartlib.train.checkpoints import INSTALLED, save_checkpoint
 
 ADALN_FROM_VAR = (4, 2, 0, 5, 3, 1)  # cartlib's adaLN chunk j is VAR's chunk ADALN_FROM_VAR[j]
 HEAD_FROM_VAR = (1, 0)  # cartlib's head (shift, scale) from VAR's (scale, shift)
@@ -269,16 +278,6 @@ def install_var_run(
     sample``, the notebooks' ``ensure_ar``) uses them as if trained there. Both folders are
     marked installed, as :mod:`cartlib.shipped` marks its checkpoints: training into one (e.g.
     ``-p retrain True``) empties it and trains anew. -> (tokenizer folder, transformer folder)"""
-    from cartlib import train
-    from cartlib.config import save_config
-    from cartlib.io import atomic_write_bytes
-    from cartlib.model import build_model
-    from cartlib.shards import tokenizer_hash
-    from cartlib.tokenizer.tokenizer import Tokenizer
-    from cartlib.tokenizer.var_layout import load_var_state_dict
-    from cartlib.train.ar import TOKENIZER_HASH
-    from cartlib.train.checkpoints import INSTALLED, save_checkpoint
-
     cfg = cfg.resolved()
     tok = Tokenizer(cfg.tokenizer, cfg.decompose, cfg.data.resolution)
     load_var_state_dict(tok, vae)

@@ -125,8 +125,7 @@ def ar_dir(run_dir: str | Path, cfg) -> Path:
     """``ar-d<depth>-<quantizer>-o<order>-<hash>``: keyed by every setting the transformer
     depends on (:meth:`RunConfig.artifact_key`: its tokenizer's and the precision; not the
     process count, which changes how a step is laid out, not what it computes)."""
-    h = cfg.artifact_key("ar")
-    return Path(run_dir) / f"ar-d{cfg.ar.depth}-{cfg.tokenizer.quantizer}-o{cfg.order}-{h}"
+    return Path(run_dir) / cfg.stage_folder("ar")
 
 
 def token_rows(tokens) -> tuple[int, int, object]:

@@ -459,10 +459,8 @@ def check_stage_config(path: str | Path, cfg) -> None:
     named = STAGE_FOLDER.fullmatch(path.name)
     if named is None or cfg.artifact_key(named["stage"]) == named["key"]:
         return
-    from cartlib import train  # (imports this module)
-
     stage, config = named["stage"], path / "config.yaml"
-    edited = (train.tokenizer_dir if stage == "tokenizer" else train.ar_dir)(path.parent, cfg)
+    edited = path.parent / cfg.stage_folder(stage)
     copy = path.parent / f"{edited.name}.yaml"
     command = stage_command(cfg, f"train-{stage}", copy, path.parent)
     raise ConfigError(

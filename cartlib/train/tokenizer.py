@@ -24,7 +24,8 @@ from cartlib.launch import plan_tokenizer
 from cartlib.perceptual import lpips_model
 from cartlib.tokenizer import Tokenizer
 from cartlib.tokenizer.losses import CompoundLoss
-from cartlib.train.checkpoints import clear_if_installed
+from cartlib.tokenizer.var_layout import load_var_state_dict
+from cartlib.train.checkpoints import clear_if_installed, save_checkpoint
 from cartlib.train.loop import (
     build_optimizer,
     load_stage,
@@ -76,8 +77,7 @@ def tokenizer_dir(run_dir: str | Path, cfg) -> Path:
     """``tokenizer-<quantizer>-o<order>-<hash of its settings>``: one folder per distinct
     tokenizer (:meth:`RunConfig.artifact_key`: the precision included, not the process count), so
     notebooks can compare several and a changed setting never reuses a stale one."""
-    key = cfg.artifact_key("tokenizer")
-    return Path(run_dir) / f"tokenizer-{cfg.tokenizer.quantizer}-o{cfg.order}-{key}"
+    return Path(run_dir) / cfg.stage_folder("tokenizer")
 
 
 def train_tokenizer(
@@ -212,9 +212,6 @@ def install_init_from(cfg, run_dir: str | Path):
     """The finished tokenizer of ``cfg`` from ``tokenizer.init_from`` (VAR's released VQ-VAE,
     loaded strictly by :func:`cartlib.tokenizer.var_layout.load_var_state_dict`), written into
     its folder as the checkpoint of its last step: the tokenizer stage trains nothing."""
-    from cartlib.tokenizer.var_layout import load_var_state_dict
-    from cartlib.train.checkpoints import save_checkpoint
-
     path = Path(cfg.tokenizer.init_from).expanduser()
     if not path.is_file():
         raise FileNotFoundError(
