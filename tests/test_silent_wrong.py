@@ -209,3 +209,23 @@ def test_a_killed_decomposition_resumes_from_its_finished_parts(cache_home, monk
     assert len(calls) == 10 - 4  # 10 batches, the first part's 4 not computed again
     assert torch.equal(bases, reference)
     assert not list(cache_home.glob(".*.parts"))  # removed once the file is written
+
+
+@pytest.mark.parametrize("name", ["config.yaml", "history.json.gz", "metrics.json"])
+def test_a_damaged_shipped_file_is_named_with_the_fix(tmp_path, monkeypatch, name):
+    """The shipped folders' files besides the checksummed weights: a damaged one is an error
+    naming it and saying how to restore it, not a bare parse error from deep inside."""
+    import shutil
+
+    from cartlib import runs, shipped
+    from cartlib.config import load_preset
+
+    root = tmp_path / "shipped"
+    shutil.copytree(shipped.ROOT, root)
+    monkeypatch.setattr(shipped, "ROOT", root)
+    cfg = load_preset("tiny")
+    folder = shipped.find("tokenizer", cfg)
+    assert folder is not None
+    (folder / name).write_bytes(b"\x00\x01 not what it was")
+    with pytest.raises(shipped.DamagedShippedFile, match=rf"(?s){name} cannot be read.*git checkout"):
+        runs.ensure_tokenizer(cfg, tmp_path / "run", progress=False, shipped=True)

@@ -69,11 +69,27 @@ def folder_name(stage: str, cfg) -> str:
     return STAGES[stage][1](Path("."), cfg).name
 
 
+class DamagedShippedFile(ValueError):
+    """A file of a shipped stage cannot be read (damaged, truncated or a Git LFS pointer)."""
+
+
+def _read(path: Path, parse):
+    """``parse(path)``, or an error naming the shipped file and how to restore it."""
+    try:
+        return parse(path)
+    except Exception as e:  # any parse failure: yaml, json, gzip, a missing file
+        raise DamagedShippedFile(
+            f"the shipped file {path} cannot be read ({type(e).__name__}: {e}): restore it with "
+            f"`git checkout -- {path.parent}`, or train instead (-p retrain True)"
+        ) from e
+
+
 def find(stage: str, cfg) -> Path | None:
     """The shipped folder of ``cfg``'s ``stage``, or None. The folder name carries 8 hex digits
     of the artifact key; the shipped config must give the whole key too."""
     for path in sorted(ROOT.glob(f"*/{folder_name(stage, cfg)}")):
-        if load_config(path / "config.yaml").artifact_key(stage) == cfg.artifact_key(stage):
+        shipped_cfg = _read(path / "config.yaml", load_config)
+        if shipped_cfg.artifact_key(stage) == cfg.artifact_key(stage):
             return path
     return None
 
@@ -100,7 +116,7 @@ def install(stage: str, cfg, run_dir, tokenizer=None) -> Path | None:
     src = find(stage, cfg)
     if src is None:
         return None
-    info = json.loads((src / METRICS).read_text())
+    info = _read(src / METRICS, lambda p: json.loads(p.read_text()))
     if stage == "ar" and (tokenizer is None or tokenizer_hash(tokenizer) != info["tokenizer_hash"]):
         return None
     weights = src / WEIGHTS
@@ -115,7 +131,8 @@ def install(stage: str, cfg, run_dir, tokenizer=None) -> Path | None:
     shutil.copyfile(src / "config.yaml", dest / "config.yaml")
     if (src / "num_classes.txt").exists():
         shutil.copyfile(src / "num_classes.txt", dest / "num_classes.txt")
-    history_json = gzip.decompress((src / HISTORY).read_bytes())
+    history_json = _read(src / HISTORY, lambda p: gzip.decompress(p.read_bytes()))
+    _read(src / HISTORY, lambda p: json.loads(gzip.decompress(p.read_bytes())))
     atomic_write_bytes(dest / "history.json", history_json)
     if stage == "ar":
         (dest / TOKENIZER_HASH).write_text(info["tokenizer_hash"])
