@@ -227,5 +227,6 @@ def test_a_damaged_shipped_file_is_named_with_the_fix(tmp_path, monkeypatch, nam
     folder = shipped.find("tokenizer", cfg)
     assert folder is not None
     (folder / name).write_bytes(b"\x00\x01 not what it was")
-    with pytest.raises(shipped.DamagedShippedFile, match=rf"(?s){name} cannot be read.*git checkout"):
+    says = rf"(?s){name} cannot be read.*git checkout"
+    with pytest.raises(shipped.DamagedShippedFile, match=says):
         runs.ensure_tokenizer(cfg, tmp_path / "run", progress=False, shipped=True)
