@@ -18,10 +18,16 @@ def figure10(records: dict[str, dict], size: float = 1.3):
     marks the query).
 
     ``records[name]``: ``steps`` (M, C, H, W) in [0, 1], ``heat`` (M of (h_M, w_M)), ``query``
-    (M, 2) query centres in [0, 1) grid coordinates, ``schedule`` the model's TokenSchedule."""
+    (M, 2) query centres in [0, 1) grid coordinates, ``schedule`` the model's TokenSchedule.
+    Each attention map is shown divided by its own maximum (written above it; a query of an
+    early step spreads over few keys, of a late step over thousands), one colour bar per model."""
     cols = max(len(r["heat"]) for r in records.values())
     fig, axes = plt.subplots(
-        2 * len(records), cols, figsize=(size * cols, 2.1 * size * len(records)), squeeze=False
+        2 * len(records),
+        cols,
+        figsize=(size * cols, 2.1 * size * len(records)),
+        squeeze=False,
+        layout="constrained",
     )
     for row, (name, r) in enumerate(records.items()):
         sched = r["schedule"]
@@ -34,15 +40,19 @@ def figure10(records: dict[str, dict], size: float = 1.3):
             image_ax.imshow(to_image(r["steps"][m]), cmap="gray", vmin=0, vmax=1)
             image_ax.set_title(sched[m].label, fontsize=7)
             heat = r["heat"][m].cpu().numpy()  # (h_M, w_M)
-            heat_ax.imshow(heat, cmap="magma", vmin=0)
+            top = float(heat.max())
+            shown = heat_ax.imshow(heat / (top or 1.0), cmap="magma", vmin=0, vmax=1)
+            heat_ax.set_title(f"max {top:.2g}", fontsize=6)
             y, x = r["query"][m].tolist()
             heat_ax.plot(x * heat.shape[1] - 0.5, y * heat.shape[0] - 0.5, "+", c="cyan", ms=6)
             if sched.n_factors and m == sched.n_base - 1:
                 frame(image_ax, "gold")
         axes[2 * row, 0].set_ylabel(f"{name}\nimage", fontsize=8)
         axes[2 * row + 1, 0].set_ylabel(f"{name}\nattention", fontsize=8)
+        bar = fig.colorbar(shown, ax=list(axes[2 * row + 1]), fraction=0.02, pad=0.01)
+        bar.set_label("÷ the map's max", fontsize=6)
+        bar.ax.tick_params(labelsize=6)
     fig.suptitle("Figure 10: intermediate images and attention of one query per step")
-    fig.tight_layout()
     return register(fig)
 
 

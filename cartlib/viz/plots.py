@@ -23,6 +23,15 @@ KIND_COLORS = {"base": "tab:blue", "detail": "goldenrod"}
 TABLE5_FID = {0: 1.70, 1: 1.65, 2: 1.62, 3: 1.57, 4: 1.60}
 
 
+# what a logged number is, for the y axis of its training curve
+Y_LABELS = {
+    "loss": "loss (nats per token)", "acc": "token accuracy", "rec": "reconstruction MSE",
+    "vq": "VQ + commitment loss", "lpips": "perceptual distance", "base": "base MSE",
+    "gan_g": "generator hinge loss", "gan_d": "discriminator hinge loss",
+    "used_codes": "codes used", "restarted": "codes restarted", "grad_norm": "gradient norm",
+}  # fmt: skip
+
+
 def history_figure(history: list[dict], keys: list[str], title: str | None = None, smooth=10):
     """Training curves of those ``keys`` present in ``history`` (raw and a moving average)."""
     keys = [k for k in keys if any(k in h for h in history)]
@@ -36,6 +45,7 @@ def history_figure(history: list[dict], keys: list[str], title: str | None = Non
             ax.plot(steps[smooth - 1 :], np.convolve(values, np.ones(smooth) / smooth, "valid"))
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")
+        ax.set_ylabel(Y_LABELS.get(key, key), fontsize=8)
     if title:
         fig.suptitle(title)
     return register(fig)
