@@ -140,11 +140,16 @@ def table5_figure(
             )
             label_seeds = None
     ours.set(xlabel="decomposition order n (0 = VAR)", ylabel="FID (lower is better)")
+    if extra:  # variants are not orders: their own tick labels, right of a dotted line
+        ticks = [*orders, *(max(orders) + 1 + i for i in range(len(extra)))]
+        names = [name.split(",")[-1].strip() for name in extra]
+        ours.set_xticks(ticks, [str(n) for n in orders] + names)
+        ours.axvline(max(orders) + 0.5, color="gray", ls=":", lw=1)
     ours.set_title(f"this run {label}".strip(), fontsize=10)
     ours.legend(fontsize=8)
     paper.plot(list(TABLE5_FID), list(TABLE5_FID.values()), "o-", color="gray")
     paper.set(xlabel="decomposition order n (0 = VAR)", ylabel="FID")
     paper.set_title("paper, Table 5 (CART-d30-re, ImageNet 256)", fontsize=10)
-    for ax in (ours, paper):
+    for ax in (paper,) if extra else (ours, paper):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return register(fig)
