@@ -225,7 +225,9 @@ def attention_records():
 
 def test_figure10_has_image_and_attention_rows_per_model_and_frames_cart_base_in_yellow():
     fig = viz.figure10(attention_records())
-    axes = np.array(fig.axes).reshape(4, CART.n_steps)
+    bars = [a for a in fig.axes if a.get_label() == "<colorbar>"]
+    assert len(bars) == 2  # one per model: the maps are each divided by their maximum
+    axes = np.array([a for a in fig.axes if a not in bars]).reshape(4, CART.n_steps)
     framed = [
         (r, k)
         for r in range(4)
@@ -235,6 +237,7 @@ def test_figure10_has_image_and_attention_rows_per_model_and_frames_cart_base_in
     assert framed == [(0, CART.n_base - 1)]  # CART's generated base only; VAR has no base step
     assert is_color(axes[0, CART.n_base - 1].spines["top"].get_edgecolor(), "gold")
     assert len(axes[1, 0].get_images()) == 1 and not axes[3, VAR.n_steps].get_images()
+    assert axes[1, 0].get_images()[0].get_clim() == (0, 1) and "max" in axes[1, 0].get_title()
     cross = axes[1, 2].get_lines()[0]  # the centre query of the 4x4 step, in pixel coordinates
     assert (cross.get_xdata()[0], cross.get_ydata()[0]) == pytest.approx((2.0, 2.0))
 
