@@ -251,3 +251,16 @@ def test_attention_profile_figure_plots_both_quantities_per_model():
     assert shares["CART"] == pytest.approx(profiles["CART"]["self_share"])
     assert shares["VAR, uniform"] == pytest.approx(profiles["VAR"]["uniform_share"])
     assert len(dist_ax.get_lines()) == 2
+
+
+def test_figure11_plots_mse_against_the_tokens_each_depth_costs():
+    """With the tokens per map, a second panel puts each tokenizer at the tokens it has used:
+    a vanilla VQ-VAE's first map already costs all 64 tokens, a multi-scale one's a single one."""
+    mse = {"vanilla": [0.1, 0.05], "multiscale": [0.3, 0.2, 0.1, 0.05]}
+    tokens = {"vanilla": [64, 64], "multiscale": [1, 4, 16, 64]}
+    fig = viz.figure11(mse, n_base=2, tokens_per_depth=tokens)
+    depth_ax, token_ax = fig.axes
+    lines = {ln.get_label(): ln for ln in token_ax.get_lines()}
+    assert list(lines["vanilla"].get_xdata()) == [64, 128]
+    assert list(lines["multiscale"].get_xdata()) == [1, 5, 21, 85]
+    assert token_ax.get_xscale() == "log" and len(depth_ax.get_lines()) == 3  # + base | details

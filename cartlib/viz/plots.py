@@ -78,11 +78,23 @@ def step_bars_figure(schedule, panels: dict[str, list[float]], title: str | None
     return register(fig)
 
 
-def figure11(mse_per_depth: dict[str, list[float]], n_base: int | None = None, title=None):
+def figure11(
+    mse_per_depth: dict[str, list[float]],
+    n_base: int | None = None,
+    title=None,
+    tokens_per_depth: dict[str, list[int]] | None = None,
+):
     """The paper's Figure 11: reconstruction MSE of the image decoded from the first k token
     maps, k = 1..M, one line per tokenizer (log scale); a dotted line after the ``n_base``-th map
-    marks where base-detail tokenizers switch from base scales to details."""
-    fig, ax = plt.subplots(figsize=(6, 4), layout="constrained")
+    marks where base-detail tokenizers switch from base scales to details. With
+    ``tokens_per_depth`` (each tokenizer's tokens per map) a second panel plots the same MSE
+    against the tokens used so far: a vanilla VQ-VAE's first map costs all h x w tokens, a
+    multi-scale one's first a single token, which the depth axis hides."""
+    panels = 2 if tokens_per_depth else 1
+    fig, axes = plt.subplots(
+        1, panels, figsize=(6 * panels, 4), layout="constrained", squeeze=False
+    )
+    ax = axes[0, 0]
     for name, mse in mse_per_depth.items():
         depth = range(1, len(mse) + 1)
         ax.plot(depth, mse, "o-", color=TOKENIZER_COLORS.get(name), label=name)
@@ -95,6 +107,13 @@ def figure11(mse_per_depth: dict[str, list[float]], n_base: int | None = None, t
         title=title or "Figure 11: reconstruction MSE vs. depth",
     )
     ax.legend(fontsize=8)
+    if tokens_per_depth:
+        ax = axes[0, 1]
+        for name, mse in mse_per_depth.items():
+            used = np.cumsum(tokens_per_depth[name][: len(mse)])
+            ax.plot(used, mse, "o-", color=TOKENIZER_COLORS.get(name), label=name)
+        ax.set(xlabel="tokens used (cumulative)", ylabel="reconstruction MSE", xscale="log",
+               yscale="log", title="the same, against the tokens it costs")  # fmt: skip
     return register(fig)
 
 
