@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import re
 import types
 import typing
 from dataclasses import dataclass, field
@@ -385,6 +386,8 @@ NOT_IN_KEYS = ("name", "gpu_mem_gib")  # top-level settings that change no train
 # from 16 A100s to 8 H200s resumes where it was
 FIXED_IN_KEYS = {"num_processes": 1}
 # settings of a section that change how fast, not what, a stage computes
+# what :meth:`RunConfig.stage_folder` names a folder: the stage, then the artifact key last
+STAGE_FOLDER = re.compile(r"(?P<stage>tokenizer|ar)-.+-(?P<key>[0-9a-f]{8})")
 # settings added after models were trained and shipped: counted only when set, so that every
 # earlier model keeps its key
 IN_KEYS_UNLESS_DEFAULT = {"tokenizer": {"init_from": None, "straight_through": None}}

@@ -229,6 +229,25 @@ def tokenizer_probe_config(cfg, latent: int = TOKENIZER_PROBE_LATENT):
     )
 
 
+def _probe_networks(cfg, latent: int = TOKENIZER_PROBE_LATENT):
+    """(probe config, tokenizer in training mode with its codebook marked initialised, compound
+    loss, perceptual network or None, inputs(batch) -> (images, bases or None)) of ``cfg``'s
+    tokenizer at the probe resolution (:func:`tokenizer_probe_config`)."""
+    probe = tokenizer_probe_config(cfg, latent)
+    t, res = probe.tokenizer, probe.data.resolution
+    tok = Tokenizer(t, probe.decompose, res).train()
+    tok.quantizer.initialized.fill_(True)  # no codebook initialisation inside a measurement
+    with warnings.catch_warnings():  # the run itself says which perceptual network it uses
+        warnings.simplefilter("ignore")
+        perceptual = lpips_model(check_range=False) if t.w_lpips > 0 else None
+
+    def inputs(batch: int):
+        x = torch.rand(batch, 3, res, res)
+        return x, torch.rand(batch, tok.order, 3, res, res) if tok.order else None
+
+    return probe, tok, CompoundLoss(t, perceptual), perceptual, inputs
+
+
 def tokenizer_activation_probe(
     cfg, precision: str = "bf16", latent: int = TOKENIZER_PROBE_LATENT
 ) -> dict[str, float]:
@@ -238,26 +257,19 @@ def tokenizer_activation_probe(
     run's own networks: trained (tokenizer and discriminator) and frozen (the perceptual
     network). Memoised per setting.
     ``precision``: ``bf16`` (autocast, as on GPUs) or ``no`` (fp32)."""
-    probe = tokenizer_probe_config(cfg, latent)
     key = f"{cfg.digest(cfg.tokenizer_sections())}-{latent}-{precision}"
     if key in _TOKENIZER_PROBES:
         return _TOKENIZER_PROBES[key]
-    t, res = probe.tokenizer, probe.data.resolution
     rng = torch.random.get_rng_state()
     torch.manual_seed(0)
-    tok = Tokenizer(t, probe.decompose, res).train()
-    tok.quantizer.initialized.fill_(True)  # no codebook initialisation inside the measurement
-    with warnings.catch_warnings():  # the run itself says which perceptual network it uses
-        warnings.simplefilter("ignore")
-        perceptual = lpips_model(check_range=False) if t.w_lpips > 0 else None
-    crit = CompoundLoss(t, perceptual)
+    probe, tok, crit, perceptual, inputs = _probe_networks(cfg, latent)
+    t, res = probe.tokenizer, probe.data.resolution
     fixed = [*tok.parameters(), *tok.buffers(), *crit.parameters(), *crit.buffers()]
     exclude = {p.untyped_storage().data_ptr() for p in fixed}
     half = precision in ("bf16", "fp16")
 
     def measure(batch: int) -> int:
-        x = torch.rand(batch, 3, res, res)
-        bases = torch.rand(batch, tok.order, 3, res, res) if tok.order else None
+        x, bases = inputs(batch)
 
         def step():
             with torch.autocast("cpu", torch.bfloat16, enabled=half):
@@ -351,16 +363,9 @@ def tokenizer_forward_flops(cfg) -> dict[str, float]:
     key = f"flops-{cfg.digest(cfg.tokenizer_sections())}"
     if key in _TOKENIZER_PROBES:
         return _TOKENIZER_PROBES[key]
-    probe = tokenizer_probe_config(cfg)
+    probe, tok, crit, _, inputs = _probe_networks(cfg)
     t, res = probe.tokenizer, probe.data.resolution
-    tok = Tokenizer(t, probe.decompose, res).train()
-    tok.quantizer.initialized.fill_(True)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        perceptual = lpips_model(check_range=False) if t.w_lpips > 0 else None
-    crit = CompoundLoss(t, perceptual)
-    x = torch.rand(1, 3, res, res)
-    bases = torch.rand(1, tok.order, 3, res, res) if tok.order else None
+    x, bases = inputs(1)
     scale = (cfg.data.resolution / res) ** 2
     out = {}
     with torch.no_grad():

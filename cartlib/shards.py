@@ -41,6 +41,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from cartlib.data.augment import CENTRE_MIRROR_CROPS  # the rule of shards that do not say
 from cartlib.io import atomic_write_bytes, reserve, sha256_file
 
 SHARD_FORMAT = 1
@@ -131,9 +132,6 @@ def _npy_header(path: Path) -> tuple[tuple[int, ...], np.dtype, int]:
         return shape, dtype, f.tell()
 
 
-OLD_VIEWS = "centre, mirror, random crops"  # views of shards that do not say (written before)
-
-
 def check_shard(folder: Path, shard: Shard, expect: dict) -> str | None:
     """Why shard ``shard`` is not a finished shard holding ``expect`` (tokenizer, views, seq_len),
     "missing" when it was never finished, or None when it is good."""
@@ -158,9 +156,9 @@ def check_shard(folder: Path, shard: Shard, expect: dict) -> str | None:
         "start": shard.start,
         "count": shard.count,
         **{k: expect[k] for k in ("views", "seq_len")},
-        "views_are": expect.get("views_are", OLD_VIEWS),
+        "views_are": expect.get("views_are", CENTRE_MIRROR_CROPS),
     }
-    got = {k: rec.get(k, OLD_VIEWS if k == "views_are" else None) for k in want}
+    got = {k: rec.get(k, CENTRE_MIRROR_CROPS if k == "views_are" else None) for k in want}
     if got != want:
         return f"its record says {got}, expected {want}"
     shape = (shard.count, expect["views"], expect["seq_len"])

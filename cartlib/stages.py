@@ -32,14 +32,13 @@ from tqdm.auto import tqdm
 from cartlib import launch, train
 from cartlib import shipped as shipped_stages
 from cartlib.cluster import Cluster, launch_args, stage_command
-from cartlib.config import ConfigError, load_config, save_config
-from cartlib.data.augment import hash_seed, view
+from cartlib.config import STAGE_FOLDER, ConfigError, load_config, save_config
+from cartlib.data.augment import hash_seed, view, views_are
 from cartlib.data.stream import Bases, ItemSource, batches, source_for
 from cartlib.hardware import HALF_DTYPES, PRECISIONS
 from cartlib.io import atomic_write_bytes, disk_full_error, process_state, resolve_run_dir
 from cartlib.sample import generate
 from cartlib.shards import (
-    OLD_VIEWS,
     TOKEN_DTYPE,
     ShardWriter,
     TokenShards,
@@ -52,7 +51,7 @@ from cartlib.shards import (
 )
 from cartlib.train.ar import trained_on
 from cartlib.train.checkpoints import read_manifest
-from cartlib.train.loop import STAGE_FOLDER, check_stage_config
+from cartlib.train.loop import check_stage_config
 
 
 # ----------------------------------------------------------------------------- finished stages
@@ -182,7 +181,7 @@ def _meta(cfg, tokenizer, source: ItemSource, split: str) -> dict:
         "split": split,
         "dataset": source.key,
         "views": d.views,
-        "views_are": views_are(d),
+        "views_are": views_are(d.random_crop, d.hflip),
         "seq_len": sched.seq_len,
         "schedule": sched.describe(),
         "codebook_size": tokenizer.quantizer.codebook_size,
@@ -237,13 +236,6 @@ def extract_shards(
         write_manifest(folder, shards, meta)
     state.wait_for_everyone()
     return TokenShards(folder, meta["tokenizer"], rebuild)
-
-
-def views_are(d) -> str:
-    """What the extracted views of data section ``d`` are (:func:`cartlib.data.augment.view`)."""
-    if d.random_crop:
-        return "random crops, half mirrored" if d.hflip else "random crops"
-    return OLD_VIEWS
 
 
 def _encode(cfg, tokenizer, source, folder, todo, meta, device, progress) -> None:
@@ -396,7 +388,7 @@ def sample_stage(
     :data:`cartlib.launch.FULL_SCALE_ON_CPU`, CPU processes) by ``accelerate launch -m cartlib
     sample`` over them, each process its share of the chunks; else here. -> the sample folder
     (the same files either way: chunks are seeded by their index)."""
-    run_dir = Path(run_dir)
+    run_dir = resolve_run_dir(run_dir)
     gpus = torch.cuda.device_count()
     procs = min(gpus, cfg.num_processes) if gpus else cfg.num_processes * launch.cpu_full_scale()
     if launch.full_scale(cfg) and procs > 1:

@@ -11,9 +11,9 @@ from pathlib import Path
 import pytest
 
 from cartlib.config import load_preset
+from cartlib.fit import IMAGENET_TRAIN
 
 README = Path(__file__).resolve().parents[1] / "README.md"
-IMAGENET_TRAIN = 1_281_167
 ROW = re.compile(
     r"^\| ((?:cart|var)-d[\w-]+) \| (\d+) \| (\d+) \| ([\d.e-]+) \| (\d+) \| [^|]+ \|$", re.M
 )

@@ -119,6 +119,17 @@ def view(
     return Crop(int(index), a, b, c < 0.5 if (hflip or not random_crop) else False)
 
 
+CENTRE_MIRROR_CROPS = "centre, mirror, random crops"  # what view() gives without random_crop
+
+
+def views_are(random_crop: bool, hflip: bool) -> str:
+    """What :func:`view` makes the extracted views (recorded in token shards, so shards of
+    another rule are not reused)."""
+    if random_crop:
+        return "random crops, half mirrored" if hflip else "random crops"
+    return CENTRE_MIRROR_CROPS
+
+
 def hash_seed(*parts: int) -> int:
     """A 63-bit seed from integers (stable across processes and Python runs)."""
     h = 1469598103934665603

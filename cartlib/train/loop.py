@@ -27,7 +27,6 @@ import json
 import math
 import os
 import random
-import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -43,7 +42,7 @@ from tqdm.auto import tqdm
 
 from cartlib import hardware
 from cartlib.cluster import stage_command
-from cartlib.config import ConfigError, load_config
+from cartlib.config import STAGE_FOLDER, ConfigError, load_config
 from cartlib.io import (  # noqa: F401 (load_checkpoint re-exported)
     DIST_TIMEOUT,
     atomic_write_bytes,
@@ -443,11 +442,6 @@ def build_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95)):
         lr=lr,
         betas=betas,
     )
-
-
-# A stage folder's name ends in the artifact key of the settings it was trained with
-# (cartlib.train.tokenizer_dir / ar_dir): "tokenizer-<quantizer>-o<n>-<key>", "ar-d<depth>-...".
-STAGE_FOLDER = re.compile(r"(?P<stage>tokenizer|ar)-.+-(?P<key>[0-9a-f]{8})")
 
 
 def check_stage_config(path: str | Path, cfg) -> None:
