@@ -229,10 +229,10 @@ def tokenizer_probe_config(cfg, latent: int = TOKENIZER_PROBE_LATENT):
     )
 
 
-def _probe_networks(cfg, latent: int = TOKENIZER_PROBE_LATENT):
+def _probe_networks(cfg, latent: int = TOKENIZER_PROBE_LATENT, device: str = "cpu"):
     """(probe config, tokenizer in training mode with its codebook marked initialised, compound
     loss, perceptual network or None, inputs(batch) -> (images, bases or None)) of ``cfg``'s
-    tokenizer at the probe resolution (:func:`tokenizer_probe_config`)."""
+    tokenizer at the probe resolution (:func:`tokenizer_probe_config`), on ``device``."""
     probe = tokenizer_probe_config(cfg, latent)
     t, res = probe.tokenizer, probe.data.resolution
     tok = Tokenizer(t, probe.decompose, res).train()
@@ -242,44 +242,49 @@ def _probe_networks(cfg, latent: int = TOKENIZER_PROBE_LATENT):
         perceptual = lpips_model(check_range=False) if t.w_lpips > 0 else None
 
     def inputs(batch: int):
-        x = torch.rand(batch, 3, res, res)
-        return x, torch.rand(batch, tok.order, 3, res, res) if tok.order else None
+        x = torch.rand(batch, 3, res, res, device=device)
+        bases = torch.rand(batch, tok.order, 3, res, res, device=device) if tok.order else None
+        return x, bases
 
-    return probe, tok, CompoundLoss(t, perceptual), perceptual, inputs
+    crit = CompoundLoss(t, perceptual).to(device)  # (the perceptual network with it)
+    return probe, tok.to(device), crit, perceptual, inputs
 
 
 def tokenizer_activation_probe(
-    cfg, precision: str = "bf16", latent: int = TOKENIZER_PROBE_LATENT
+    cfg, precision: str = "bf16", latent: int = TOKENIZER_PROBE_LATENT, device: str = "cpu"
 ) -> dict[str, float]:
     """One generator step of ``cfg``'s tokenizer (tokenizer, perceptual loss, discriminator's
     generator term) measured at a small resolution (:func:`tokenizer_probe_config`): the bytes
     autograd saves per image pixel (batch 2 minus batch 1), and the parameter counts of the
     run's own networks: trained (tokenizer and discriminator) and frozen (the perceptual
     network). Memoised per setting.
-    ``precision``: ``bf16`` (autocast, as on GPUs) or ``no`` (fp32)."""
+    ``precision``: ``bf16`` (autocast, as on GPUs) or ``no`` (fp32). ``device``: where to
+    measure (the plan measures on the GPU when there is one: a CPU without native bf16 would
+    take tens of seconds under bf16 autocast; the bytes are the same)."""
     key = f"{cfg.digest(cfg.tokenizer_sections())}-{latent}-{precision}"
     if key in _TOKENIZER_PROBES:
         return _TOKENIZER_PROBES[key]
-    rng = torch.random.get_rng_state()
-    torch.manual_seed(0)
-    probe, tok, crit, perceptual, inputs = _probe_networks(cfg, latent)
-    t, res = probe.tokenizer, probe.data.resolution
-    fixed = [*tok.parameters(), *tok.buffers(), *crit.parameters(), *crit.buffers()]
-    exclude = {p.untyped_storage().data_ptr() for p in fixed}
-    half = precision in ("bf16", "fp16")
+    gpus = [torch.cuda.current_device()] if device == "cuda" else []
+    with torch.random.fork_rng(devices=gpus):  # the caller's random streams stay as they were
+        torch.manual_seed(0)
+        probe, tok, crit, perceptual, inputs = _probe_networks(cfg, latent, device)
+        t, res = probe.tokenizer, probe.data.resolution
+        fixed = [*tok.parameters(), *tok.buffers(), *crit.parameters(), *crit.buffers()]
+        exclude = {p.untyped_storage().data_ptr() for p in fixed}
+        half = precision in ("bf16", "fp16")
 
-    def measure(batch: int) -> int:
-        x, bases = inputs(batch)
+        def measure(batch: int) -> int:
+            x, bases = inputs(batch)
 
-        def step():
-            with torch.autocast("cpu", torch.bfloat16, enabled=half):
-                out = tok(x, bases)
-                crit.generator_loss(out, out.target, out.target_base, t.gan_start)
+            def step():
+                with torch.autocast(device, torch.bfloat16, enabled=half):
+                    out = tok(x, bases)
+                    crit.generator_loss(out, out.target, out.target_base, t.gan_start)
 
-        return saved_bytes(step, exclude)
+            return saved_bytes(step, exclude)
 
-    per_pixel = (measure(2) - measure(1)) / res**2
-    torch.random.set_rng_state(rng)
+        per_pixel = (measure(2) - measure(1)) / res**2
+
     with torch.device("meta"):  # the run's own tokenizer (its schedule's phi convs) is counted
         run_tok = Tokenizer(cfg.tokenizer, cfg.decompose, cfg.data.resolution)
     trained = sum(p.numel() for p in run_tok.parameters())

@@ -137,7 +137,8 @@ def plan_tokenizer(cfg: RunConfig, world: int, say: bool = True) -> RunConfig:
     if not full_scale(cfg):
         return cfg
     t, res = cfg.tokenizer, cfg.data.resolution
-    probe = tokenizer_activation_probe(cfg, _memory_precision(cfg))
+    where = "cuda" if torch.cuda.is_available() else "cpu"
+    probe = tokenizer_activation_probe(cfg, _memory_precision(cfg), device=where)
     if t.micro_batch is None:
         fit = choose_tokenizer_fit(probe, res, t.batch_size, world, cfg.gpu_mem_gib)
         cfg = cfg.updated(tokenizer={"micro_batch": fit.micro_batch})
