@@ -11,7 +11,7 @@ STAMP := $(VENV)/.cartlib-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: run test test-avx2 check-full lab install data lint format bench clean-runs
+.PHONY: run test test-avx2 check-full lab publish install data lint format bench clean-runs
 
 run: install data  ## execute the notebook series at $(PRESET) into papermill_runs/$(PRESET)/
 	$(PY) -m cartlib run-series --preset $(PRESET)
@@ -34,6 +34,11 @@ check-full: install data  ## full-shape smoke of the full-scale presets (CPU, ~1
 
 lab: install data  ## open the notebooks in JupyterLab (kernel "cartlib"); runs nothing itself
 	$(VENV)/bin/jupyter lab notebooks
+
+# The executed copies a reader opens on the repository page: every notebook at its committed
+# defaults into papermill_runs/defaults/ (committed; tests check they match notebooks/).
+publish: install data  ## execute every notebook at its defaults into papermill_runs/defaults/
+	$(PY) -m cartlib run-series --preset defaults
 
 install: $(STAMP)
 
@@ -66,4 +71,5 @@ bench: install data  ## throughput figures (never fail on time)
 	for b in benchmarks/bench_*.py; do $(PY) $$b || exit 1; done
 
 clean-runs:
-	rm -rf papermill_runs/*/*.ipynb papermill_runs/*/runs papermill_runs/smoke papermill_runs/shipped
+	find papermill_runs -mindepth 2 -maxdepth 2 -name '*.ipynb' -not -path 'papermill_runs/defaults/*' -delete
+	rm -rf papermill_runs/*/runs papermill_runs/smoke papermill_runs/shipped

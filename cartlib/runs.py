@@ -143,3 +143,14 @@ def _ensure_ar(cfg, run_dir, progress, shipped, tok_cfg, tok):
         cfg, resolve_run_dir(run_dir), tok, tokens, labels, num_classes, progress=progress
     )
     return tok, model
+
+
+def model_origin(cfg, run_dir, shipped: bool | None = None, tokenizer=None) -> str:
+    """Where the transformer :func:`ensure_ar` returns for these arguments came from, in words
+    (notebooks print it, so a reader knows whose model they sample): its stage folder, and
+    whether cartlib's shipped checkpoint was installed there or it was trained in ``run_dir``."""
+    folder = train.ar_dir(resolve_run_dir(run_dir), settle("ar", cfg, run_dir, shipped, tokenizer))
+    src = installed_from(folder)
+    if src is not None:
+        return f"{folder}: cartlib's shipped checkpoint ({src['source']}), not trained here"
+    return f"{folder}: trained in this run directory"

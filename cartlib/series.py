@@ -9,8 +9,10 @@
       compare_base_loss: true
     notebooks: [06_ablation_decomposition_order]   # optional: run only these
 
-Executed notebooks are written next to it (``papermill_runs/<preset>/<notebook>.ipynb``, ignored by
-git); every notebook adds its numbers to ``<run_dir>/results.json`` and its figures to
+Executed notebooks are written next to it (``papermill_runs/<preset>/<notebook>.ipynb``); those of
+``defaults`` (``make publish``: every notebook at its committed defaults) and ``tiny`` (``make
+run``) are committed for reading without running, the rest ignored by git. Every notebook adds
+its numbers to ``<run_dir>/results.json`` and its figures to
 ``<run_dir>/figures/``.
 """
 
@@ -83,10 +85,14 @@ def run_series(preset: str = "tiny", only: list[str] | None = None) -> int:
         )
         timings[name] = time.time() - t0
         print(f"   done in {timings[name]:.0f} s -> {out}", flush=True)
-    run_dir = resolve_run_dir(spec.get("common", {}).get("run_dir", out_dir))
     print("\nExecuted notebooks:", out_dir)
-    print("Figures:           ", run_dir / "figures")
-    print("Numbers:           ", run_dir / "results.json")
+    common_dir = (spec.get("common") or {}).get("run_dir")
+    if common_dir is None:  # e.g. `make publish`: every notebook at its own default run_dir
+        print("Figures, numbers:   in each notebook's own run_dir (its parameters cell)")
+    else:
+        run_dir = resolve_run_dir(common_dir)
+        print("Figures:           ", run_dir / "figures")
+        print("Numbers:           ", run_dir / "results.json")
     print(
         "Wall time:          " + ", ".join(f"{k[:2]} {v:.0f}s" for k, v in timings.items()),
         f"(total {sum(timings.values()) / 60:.1f} min)",

@@ -264,3 +264,25 @@ def test_figure11_plots_mse_against_the_tokens_each_depth_costs():
     assert list(lines["vanilla"].get_xdata()) == [64, 128]
     assert list(lines["multiscale"].get_xdata()) == [1, 5, 21, 85]
     assert token_ax.get_xscale() == "log" and len(depth_ax.get_lines()) == 3  # + base | details
+
+
+def test_mask_figure_draws_the_mask_it_is_given_with_one_tick_per_map():
+    mask = CART.attn_mask()
+    fig = viz.mask_figure(CART, mask)
+    (ax,) = fig.axes
+    drawn = ax.get_images()[0].get_array()
+    assert np.array_equal(np.asarray(drawn) > 0.5, mask.numpy())
+    assert [t.get_text() for t in ax.get_xticklabels()] == [s.label for s in CART]
+    assert len(ax.get_lines()) == 2 * (CART.n_steps - 1)  # map boundaries, rows and columns
+
+
+def test_query_attention_figure_marks_the_query_on_a_colour_scale_with_a_bar():
+    heat = torch.zeros(4, 4)
+    heat[1, 2] = 1.0
+    fig = viz.query_attention_figure(torch.rand(3, 8, 8), heat, (0.625, 0.375), "image", "heat")
+    bars = [a for a in fig.axes if a.get_label() == "<colorbar>"]
+    assert len(bars) == 1
+    heat_ax = [a for a in fig.axes if a not in bars][1]
+    assert np.array_equal(heat_ax.get_images()[0].get_array(), heat.numpy())
+    cross = heat_ax.get_lines()[0]  # (y, x) = (0.625, 0.375) of a 4x4 grid: cell (2, 1)
+    assert (cross.get_xdata()[0], cross.get_ydata()[0]) == pytest.approx((1.0, 2.0))

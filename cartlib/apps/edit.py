@@ -8,7 +8,7 @@
   changes. :func:`recolour_tokens` goes through tokens instead: it re-tokenizes the turned albedo
   (Alg. 1's base steps, ``quantize_base``) and keeps every shading token, giving new token maps —
   but only colours the codebook can express survive the quantization (at tiny scale, trained on a
-  few photos, a turned hue falls back to the photos' own: README, "Results"). ``region``
+  few photos, a turned hue falls back to the photos' own: docs/results.md). ``region``
   restricts either edit to a pixel mask (recolouring one object).
 * **Lighting control** (specular tokenizer, :mod:`cartlib.decompose.specular`): decoding the base
   steps gives the diffuse base A_n; each group of detail steps adds one specular factor,

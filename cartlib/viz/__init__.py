@@ -6,11 +6,12 @@
 - :mod:`~cartlib.viz.core`: ``show``, the registry and ``save_open_figures``, the live panel;
 - :mod:`~cartlib.viz.images`: grids, step strips (Figures 1 and 2(a), with the details each step
   added amplified), token maps, Figure 4;
-- :mod:`~cartlib.viz.plots`: training curves, per-step bars (Eq. 9), Figure 11, Table 5;
-- :mod:`~cartlib.viz.attention`: Figure 10 and the per-step attention profile.
+- :mod:`~cartlib.viz.plots`: training curves, per-step bars (Eq. 9), the block-causal mask,
+  Figure 11, Table 5;
+- :mod:`~cartlib.viz.attention`: Figure 10, the per-step attention profile and one query's map.
 """
 
-from cartlib.viz.attention import attention_profile_figure, figure10
+from cartlib.viz.attention import attention_profile_figure, figure10, query_attention_figure
 from cartlib.viz.core import figure_panel, register, save_open_figures, show, to_image
 from cartlib.viz.images import (
     compare_figure,
@@ -27,6 +28,7 @@ from cartlib.viz.images import (
 from cartlib.viz.plots import (
     figure11,
     history_figure,
+    mask_figure,
     plot_history,
     step_bars_figure,
     table5_figure,
@@ -43,7 +45,9 @@ __all__ = [
     "figure_panel",
     "history_figure",
     "image_grid_figure",
+    "mask_figure",
     "plot_history",
+    "query_attention_figure",
     "register",
     "save_open_figures",
     "show",

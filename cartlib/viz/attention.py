@@ -79,3 +79,23 @@ def attention_profile_figure(profiles: dict[str, dict[str, list[float]]], schedu
     for ax in (dist_ax, share_ax):
         ax.legend(fontsize=8)
     return register(fig)
+
+
+def query_attention_figure(image, heat, query, title: str, heat_title: str):
+    """One query's attention beside the image it is generating (notebook 07's live panel):
+    ``image`` (C, H, W) in [0, 1], ``heat`` (h_M, w_M) the query's attention spread over the
+    latent grid (summing to 1, :func:`cartlib.model.attention.attention_heatmap`), ``query``
+    (y, x) its centre in [0, 1) grid coordinates. The heat map's colour bar is in shares of the
+    query's attention."""
+    fig, (image_ax, heat_ax) = plt.subplots(1, 2, figsize=(6.2, 2.8), layout="constrained")
+    image_ax.imshow(to_image(image), cmap="gray", vmin=0, vmax=1)
+    image_ax.set_title(title, fontsize=8)
+    heat = heat.cpu().numpy()
+    shown = heat_ax.imshow(heat, cmap="magma", vmin=0)
+    y, x = query
+    heat_ax.plot(x * heat.shape[1] - 0.5, y * heat.shape[0] - 0.5, "+", c="cyan", ms=9)
+    heat_ax.set_title(heat_title, fontsize=8)
+    fig.colorbar(shown, ax=heat_ax, fraction=0.046).set_label("share of attention", fontsize=7)
+    bare(image_ax)
+    bare(heat_ax)
+    return register(fig)

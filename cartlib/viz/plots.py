@@ -172,3 +172,23 @@ def table5_figure(
     for ax in (paper,) if extra else (ours, paper):
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     return register(fig)
+
+
+def mask_figure(schedule, mask, title: str | None = None):
+    """The transformer's attention mask (L, L) bool — True where a query token (row) may attend to
+    a key token (column) — drawn black on white with the token maps' boundaries and labels: the
+    block-causal staircase of next-detail prediction (notebook 04)."""
+    sizes = np.array([s.h * s.w for s in schedule])
+    fig, ax = plt.subplots(figsize=(4.6, 4.6), layout="constrained")
+    ax.imshow(np.asarray(mask, dtype=float), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
+    for edge in sizes.cumsum()[:-1] - 0.5:
+        ax.axhline(edge, color="tab:orange", lw=0.5)
+        ax.axvline(edge, color="tab:orange", lw=0.5)
+    centres = sizes.cumsum() - sizes / 2 - 0.5
+    labels = [s.label for s in schedule]
+    ax.set_xticks(centres, labels, rotation=90, fontsize=7)
+    ax.set_yticks(centres, labels, fontsize=7)
+    ax.set_xlabel("key token (grouped by token map)")
+    ax.set_ylabel("query token (grouped by token map)")
+    ax.set_title(title or f"block-causal mask, {sizes.sum()} tokens (black: may attend)", fontsize=9)
+    return register(fig)
