@@ -127,6 +127,13 @@ def run_config_from_params(params: Any, mapping: dict[str, str]) -> RunConfig:
         for part in path:
             node = node.setdefault(part, {})
         node[last] = value
+    order = getattr(params, "order", None)
+    if order is not None and getattr(params, "quantizer", None) is None and "order" in mapping:
+        # a notebook's `order` alone picks the tokenizer that goes with it, as cfg.with_order
+        # does: 0 is VAR's multi-scale tokenizer, >= 1 the base-detail one (an explicit
+        # `quantizer` that contradicts the order is still refused, naming both)
+        quantizer = "base_detail" if order > 0 else "multiscale"
+        overrides.setdefault("tokenizer", {})["quantizer"] = quantizer
     return load_preset(params.preset, **overrides)
 
 
@@ -186,6 +193,13 @@ class TokenizationParams:  # 03_tokenization
     retrain: bool = False
     run_dir: str = "papermill_runs/shipped"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.order == 0:  # the comparison needs details; order 0's tokenizer is one of the four
+            raise ConfigError(
+                "order=0 is out of range here: notebook 03 compares the base-detail tokenizer of "
+                "an order >= 1 with the vanilla and multi-scale (order 0) ones; choose 1 .. 5"
+            )
 
 
 @dataclass
@@ -285,6 +299,12 @@ class HighResParams:  # 08_high_resolution_and_super_resolution
     seed: int = 42
     run_dir: str = "papermill_runs/smoke"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        # the seam score compares pixel pairs across the 4-scale-pixel phase of the detail
+        # patches; the 32-px window must hold whole phases, which only 2, 4 and 8 give
+        if self.scale not in (2, 4, 8):
+            raise ConfigError(f"scale={self.scale} is out of range: choose 2, 4 or 8")
 
 
 @dataclass

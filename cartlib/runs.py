@@ -145,11 +145,15 @@ def _ensure_ar(cfg, run_dir, progress, shipped, tok_cfg, tok):
     return tok, model
 
 
-def model_origin(cfg, run_dir, shipped: bool | None = None, tokenizer=None) -> str:
-    """Where the transformer :func:`ensure_ar` returns for these arguments came from, in words
-    (notebooks print it, so a reader knows whose model they sample): its stage folder, and
+def model_origin(cfg, run_dir, shipped: bool | None = None, tokenizer=None, stage="ar") -> str:
+    """Where the model :func:`ensure_ar` (``stage="ar"``, the transformer) or
+    :func:`ensure_tokenizer` (``stage="tokenizer"``) returned for these arguments came from, in
+    words (notebooks print it, so a reader knows whose model they look at): its stage folder, and
     whether cartlib's shipped checkpoint was installed there or it was trained in ``run_dir``."""
-    folder = train.ar_dir(resolve_run_dir(run_dir), settle("ar", cfg, run_dir, shipped, tokenizer))
+    if stage not in ("ar", "tokenizer"):
+        raise ValueError(f"stage={stage!r}: choose 'ar' or 'tokenizer'")
+    folder_of = train.ar_dir if stage == "ar" else train.tokenizer_dir
+    folder = folder_of(resolve_run_dir(run_dir), settle(stage, cfg, run_dir, shipped, tokenizer))
     src = installed_from(folder)
     if src is not None:
         return f"{folder}: cartlib's shipped checkpoint ({src['source']}), not trained here"

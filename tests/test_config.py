@@ -154,3 +154,20 @@ def test_config_owns_its_derived_values_and_refuses_inconsistent_quantizer_order
         cfg.tokenizer_sections()
     )
     assert "decompose" not in var.tokenizer_sections()
+
+
+def test_a_notebooks_order_alone_picks_the_tokenizer_that_goes_with_it():
+    """`-p order 0` in 01/04 means VAR's multi-scale tokenizer (as cfg.with_order(0)), `-p order 2`
+    the base-detail one; an explicit contradicting quantizer is still refused; 03 refuses 0."""
+    from cartlib.params import notebook_config
+
+    _, var = notebook_config("04_train_ar", {"order": 0})
+    assert var.tokenizer.quantizer == "multiscale" and var.schedule().n_factors == 0
+    _, cart = notebook_config("01_mumford_shah_decomposition", {"order": 2})
+    assert cart.tokenizer.quantizer == "base_detail" and cart.order == 2
+    with pytest.raises(ConfigError, match="order=0 has no details"):
+        notebook_config("02_train_tokenizer", {"order": 0, "quantizer": "base_detail"})
+    with pytest.raises(ConfigError, match="order=0 is out of range here"):
+        notebook_config("03_tokenization", {"order": 0})
+    with pytest.raises(ConfigError, match="scale=3 is out of range: choose 2, 4 or 8"):
+        notebook_config("08_high_resolution_and_super_resolution", {"scale": 3})

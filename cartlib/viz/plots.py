@@ -190,5 +190,7 @@ def mask_figure(schedule, mask, title: str | None = None):
     ax.set_yticks(centres, labels, fontsize=7)
     ax.set_xlabel("key token (grouped by token map)")
     ax.set_ylabel("query token (grouped by token map)")
-    ax.set_title(title or f"block-causal mask, {sizes.sum()} tokens (black: may attend)", fontsize=9)
+    ax.set_title(
+        title or f"block-causal mask, {sizes.sum()} tokens (black: may attend)", fontsize=9
+    )
     return register(fig)
