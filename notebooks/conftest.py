@@ -30,15 +30,17 @@ def _rerun_items(parent, first_num: int):
     params_cell, config_cell = code[0], code[1]
     names = {n.targets[0].id for n in ast.parse(params_cell).body}
     assert "progress" in names, f"{parent.name}: the edit-and-rerun check changes `progress`"
-    refused = "from cartlib.config import ConfigError\n\ntry:\n" + textwrap.indent(
-        config_cell, "    "
-    ) + (
-        "\nexcept ConfigError as error:\n"
-        "    assert \"'progres'\" in str(error) and 'progress' in str(error), error\n"
-        "else:\n"
-        "    raise AssertionError('a misspelt parameter (progres) was accepted')\n"
-        "finally:\n"
-        "    del progres\n"
+    refused = (
+        "from cartlib.config import ConfigError\n\ntry:\n"
+        + textwrap.indent(config_cell, "    ")
+        + (
+            "\nexcept ConfigError as error:\n"
+            "    assert \"'progres'\" in str(error) and 'progress' in str(error), error\n"
+            "else:\n"
+            "    raise AssertionError('a misspelt parameter (progres) was accepted')\n"
+            "finally:\n"
+            "    del progres\n"
+        )
     )
     steps = [
         ("edit: progress = False", params_cell + "\nprogress = False  # the reader's edit\n"),
