@@ -32,8 +32,16 @@ Y_LABELS = {
 }  # fmt: skip
 
 
-def history_figure(history: list[dict], keys: list[str], title: str | None = None, smooth=10):
-    """Training curves of those ``keys`` present in ``history`` (raw and a moving average)."""
+def history_figure(
+    history: list[dict],
+    keys: list[str],
+    title: str | None = None,
+    smooth=10,
+    reference: dict[str, tuple[float, str]] | None = None,
+):
+    """Training curves of those ``keys`` present in ``history`` (raw and a moving average);
+    ``reference[key] = (value, label)`` draws a labelled horizontal line on that key's panel
+    (e.g. ln V on a cross-entropy: the loss of a uniform guess)."""
     keys = [k for k in keys if any(k in h for h in history)]
     fig, axes = plt.subplots(
         1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False, layout="constrained"
@@ -46,6 +54,10 @@ def history_figure(history: list[dict], keys: list[str], title: str | None = Non
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")
         ax.set_ylabel(Y_LABELS.get(key, key), fontsize=8)
+        if reference and key in reference:
+            value, label = reference[key]
+            ax.axhline(value, color="grey", ls=":", lw=1, label=label)
+            ax.legend(fontsize=7)
     if title:
         fig.suptitle(title)
     return register(fig)
