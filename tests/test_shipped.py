@@ -64,6 +64,7 @@ def test_install_loads_the_pair_and_retraining_replaces_it(tmp_path):
     src = shipped.find("ar", cfg)
     origin = runs.model_origin(cfg, tmp_path, True, tok)  # what notebook 05 prints
     assert str(ar_dir) in origin and "shipped checkpoint" in origin and src.name in origin
+    assert str(tok_dir) in runs.model_origin(cfg, tmp_path, True, stage="tokenizer")
     weights = torch.load(src / shipped.WEIGHTS, weights_only=True)
     for k, v in model.state_dict().items():  # float16 on disk, float32 installed, same values
         assert v.dtype == weights[k].dtype or v.dtype == torch.float32

@@ -286,3 +286,12 @@ def test_query_attention_figure_marks_the_query_on_a_colour_scale_with_a_bar():
     assert np.array_equal(heat_ax.get_images()[0].get_array(), heat.numpy())
     cross = heat_ax.get_lines()[0]  # (y, x) = (0.625, 0.375) of a 4x4 grid: cell (2, 1)
     assert (cross.get_xdata()[0], cross.get_ydata()[0]) == pytest.approx((1.0, 2.0))
+
+
+def test_history_figure_draws_a_labelled_reference_line_on_its_panel_only():
+    history = [{"step": s, "loss": 6.0 - s / 10, "acc": s / 100} for s in range(30)]
+    fig = viz.history_figure(history, ["loss", "acc"], reference={"loss": (5.5, "ln V")})
+    loss_ax, acc_ax = fig.axes
+    ref = [ln for ln in loss_ax.get_lines() if ln.get_label() == "ln V"]
+    assert len(ref) == 1 and list(ref[0].get_ydata()) == [5.5, 5.5]
+    assert loss_ax.get_legend() is not None and acc_ax.get_legend() is None
