@@ -48,6 +48,37 @@ def notebook_parameters(spec: dict, name: str, declared: set[str]) -> dict:
     return {**params, **own}
 
 
+def shrink_outputs(path: Path, max_kib: int = 120, quality: int = 85) -> tuple[int, int]:
+    """Keep an executed notebook small enough to commit and to open on a repository page: a
+    PNG figure over ``max_kib`` is stored as a JPEG when that is smaller (photographs and sample
+    grids shrink 3-10x; nbformat and every renderer take ``image/jpeg``), and the live panels'
+    widget state (their last image, again) is dropped — the panels work in a running kernel,
+    the static figures beside them are what a reader without one sees. -> (bytes before, after)"""
+    import base64
+    import io
+    import json
+
+    from PIL import Image
+
+    before = path.stat().st_size
+    nb = json.loads(path.read_text())
+    nb["metadata"].pop("widgets", None)
+    for cell in nb["cells"]:
+        for out in cell.get("outputs", []):
+            data = out.get("data", {})
+            png = data.get("image/png")
+            if not png or len(png) * 3 // 4 <= max_kib * 1024:
+                continue
+            image = Image.open(io.BytesIO(base64.b64decode(png))).convert("RGB")
+            buf = io.BytesIO()
+            image.save(buf, format="JPEG", quality=quality, optimize=True)
+            if buf.tell() < len(png) * 3 // 4:
+                del data["image/png"]
+                data["image/jpeg"] = base64.b64encode(buf.getvalue()).decode()
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    return before, path.stat().st_size
+
+
 def run_series(preset: str = "tiny", only: list[str] | None = None) -> int:
     import papermill as pm
 
@@ -84,6 +115,7 @@ def run_series(preset: str = "tiny", only: list[str] | None = None) -> int:
             progress_bar=False,
         )
         timings[name] = time.time() - t0
+        shrink_outputs(out)
         print(f"   done in {timings[name]:.0f} s -> {out}", flush=True)
     print("\nExecuted notebooks:", out_dir)
     common_dir = (spec.get("common") or {}).get("run_dir")
