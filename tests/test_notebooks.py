@@ -157,3 +157,67 @@ def test_live_kernel_runs_notebook_05_changes_a_parameter_and_reruns(tmp_path):
         assert "'sede'" in refused["evalue"] and "seed" in refused["evalue"]
     finally:
         km.shutdown_kernel(now=True)
+
+
+PUBLISHED = ROOT / "papermill_runs" / "defaults"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_the_published_executed_copy_is_this_notebook_run_without_errors(path):
+    """`make publish` commits every notebook executed at its defaults, for reading without
+    running (README's notebook table links them). A copy whose code differs from the notebook
+    is stale: run `make publish` (or `python -m cartlib run-series --preset defaults --only NN`)."""
+    copy = PUBLISHED / path.name
+    assert copy.is_file(), f"{copy} is missing: run `make publish`"
+    ran = json.loads(copy.read_text())
+    code = [c for c in ran["cells"] if c["cell_type"] == "code"]
+    injected = [c for c in code if "injected-parameters" in c["metadata"].get("tags", [])]
+    source = ["".join(c["source"]) for c in cells(path) if c["cell_type"] == "code"]
+    assert ["".join(c["source"]) for c in code if c not in injected] == source, (
+        f"{copy.name} is stale (its code differs from {path.name}): run `make publish`"
+    )
+    outputs = [o for c in code for o in c["outputs"]]
+    assert not [o for o in outputs if o["output_type"] == "error"], f"{copy.name} has an error"
+    assert all(c["execution_count"] for c in code), f"{copy.name}: a cell did not run"
+    if "viz.show(" in "\n".join(source):  # the figures a reader comes for
+        figures = [o for o in outputs if {"image/png", "image/jpeg"} & set(o.get("data", {}))]
+        assert figures, f"{copy.name}: no figure"
+    assert copy.stat().st_size < 2_000_000, f"{copy.name}: over 2 MB (series.shrink_outputs)"
+
+
+def test_shrink_outputs_stores_a_large_figure_as_jpeg_and_drops_widget_state(tmp_path):
+    import base64
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from cartlib.series import shrink_outputs
+
+    def png(size):
+        buf = io.BytesIO()
+        noise = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
+        Image.fromarray(noise).save(buf, format="PNG")
+        return base64.b64encode(buf.getvalue()).decode()
+
+    big, small = png(400), png(16)
+    nb = {
+        "cells": [
+            {"cell_type": "code", "source": "", "metadata": {}, "execution_count": 1,
+             "outputs": [{"output_type": "display_data", "metadata": {},
+                          "data": {"image/png": big, "text/plain": "<Figure>"}},
+                         {"output_type": "display_data", "metadata": {},
+                          "data": {"image/png": small}}]},
+        ],
+        "metadata": {"widgets": {"state": {"x": "y" * 1000}}}, "nbformat": 4, "nbformat_minor": 4,
+    }  # fmt: skip
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    before, after = shrink_outputs(path)
+    out = json.loads(path.read_text())
+    first, second = out["cells"][0]["outputs"]
+    assert set(first["data"]) == {"image/jpeg", "text/plain"} and second["data"] == {
+        "image/png": small
+    }
+    assert "widgets" not in out["metadata"] and after < before
+    Image.open(io.BytesIO(base64.b64decode(first["data"]["image/jpeg"]))).verify()
