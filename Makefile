@@ -50,14 +50,12 @@ lab: install data  ## open the notebooks in JupyterLab (kernel "cartlib"); runs 
 publish: install data  ## execute every notebook at its defaults into papermill_runs/defaults/
 	$(PY) -m cartlib run-series --preset defaults
 
-# --no-compile: Python compiles what is imported on first use instead of every file of every
-# package at install (2-core CPU: install + data 80 s instead of 120 s)
 install: $(STAMP)
 
 $(STAMP): pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --no-compile torch==2.14.1 torchvision==0.29.1
-	$(PY) -m pip install --quiet --no-compile -e '.[dev]'
+	$(PY) -m pip install --quiet torch==2.14.1 torchvision==0.29.1
+	$(PY) -m pip install --quiet -e '.[dev]'
 	$(PY) -m ipykernel install --sys-prefix --name $(KERNEL) --display-name "Python (cartlib)"
 	touch $@
 
