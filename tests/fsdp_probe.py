@@ -77,6 +77,8 @@ def main(out: str, *runs: str) -> None:
     timeout = backend.options._timeout.total_seconds()  # how long a collective may wait
     if dist.get_rank() == 0:
         torch.save({"runs": results, "processes": dist.get_world_size(), "timeout_s": timeout}, out)
+    dist.barrier()  # close the group: gloo's threads at exit can abort a finished rank
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
