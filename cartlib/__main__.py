@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"cartlib {args.command}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
-    _leave_process_group()
+    launch.leave_process_group()
     return code
 
 
@@ -175,17 +175,6 @@ def _import_var(args) -> int:
     print(f"sample (50 per class, VAR's FID setting):\n  accelerate launch --multi_gpu -m "
           f"cartlib sample --config {run_dir / 'config.yaml'} --run-dir {run_dir}")  # fmt: skip
     return 0
-
-
-def _leave_process_group() -> None:
-    """Under a launcher, once every process has finished its stage: close the process group
-    (gloo's threads left running at interpreter exit sometimes abort a process that had
-    finished its work, and then the launch fails)."""
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

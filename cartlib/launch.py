@@ -277,3 +277,14 @@ def explain_and_stop(plan: Plan) -> None:
         f"nothing was trained ({len(plan.problems)} problem(s), printed above): "
         + "; ".join(plan.problems)
     )
+
+
+def leave_process_group() -> None:
+    """Under a launcher, once every process has finished its work: close the process group
+    (gloo's threads left running at interpreter exit sometimes abort a process that had
+    finished its work, and then the launch fails). Nothing to do in a single process."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

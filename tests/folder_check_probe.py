@@ -12,10 +12,9 @@ import json
 import sys
 from pathlib import Path
 
-import torch.distributed
-
 from cartlib.data import folder, load_dataset
 from cartlib.io import process_state
+from cartlib.launch import leave_process_group
 
 
 def main(root: str, out: str) -> None:
@@ -30,8 +29,7 @@ def main(root: str, out: str) -> None:
         "skipped": [str(p) for p, _ in ds.skipped],
     })  # fmt: skip
     Path(out, f"rank{state.process_index}.json").write_text(report)
-    torch.distributed.barrier()  # then close the group: gloo's threads at exit can abort a process
-    torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

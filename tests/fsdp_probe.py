@@ -22,6 +22,7 @@ from layout_probe import setup
 from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
 import cartlib.train.ar as ar_mod
+from cartlib.launch import leave_process_group
 from cartlib.train import train_ar
 
 SEEN: dict[str, set[str]] = {}
@@ -77,8 +78,7 @@ def main(out: str, *runs: str) -> None:
     timeout = backend.options._timeout.total_seconds()  # how long a collective may wait
     if dist.get_rank() == 0:
         torch.save({"runs": results, "processes": dist.get_world_size(), "timeout_s": timeout}, out)
-    dist.barrier()  # close the group: gloo's threads at exit can abort a finished rank
-    dist.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

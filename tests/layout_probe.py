@@ -13,6 +13,7 @@ import sys
 import torch
 
 from cartlib.config import load_preset
+from cartlib.launch import leave_process_group
 from cartlib.tokenizer import Tokenizer
 from cartlib.train import train_ar
 
@@ -41,9 +42,7 @@ def main(run_dir: str, micro: int, out: str) -> None:
         ranks = torch.distributed.get_world_size() if torch.distributed.is_initialized() else 1
         losses = [h["loss"] for h in history]
         torch.save({"params": model.state_dict(), "loss": losses, "processes": ranks}, out)
-    if torch.distributed.is_initialized():  # close the group: gloo's threads at exit can abort
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":

@@ -223,9 +223,9 @@ def test_a_damaged_shipped_file_is_named_with_the_fix(tmp_path, monkeypatch, nam
     root = tmp_path / "shipped"
     shutil.copytree(shipped.ROOT, root)
     monkeypatch.setattr(shipped, "ROOT", root)
-    # the precision `make run` trained them in: on a CPU where `auto` resolves to fp32 the plain
-    # preset finds them only through stages.settle's fallback, which this test does not exercise
-    cfg = load_preset("tiny", mixed_precision="bf16")
+    from test_shipped import SHIPPED_AT  # where `auto` means fp32, only stages.settle finds them
+
+    cfg = load_preset("tiny", mixed_precision=SHIPPED_AT)
     folder = shipped.find("tokenizer", cfg)
     assert folder is not None
     (folder / name).write_bytes(b"\x00\x01 not what it was")

@@ -16,6 +16,7 @@ import sys
 import torch
 
 from cartlib.config import load_preset
+from cartlib.launch import leave_process_group
 from cartlib.train import train_tokenizer
 
 TOK = {"channels": 8, "ch_mult": [1, 2], "latent_channels": 4, "codebook_size": 16,
@@ -43,9 +44,7 @@ def main(run_dir: str, micro: int, out: str) -> None:
     if int(os.environ.get("RANK", "0")) == 0:
         torch.save({"params": tok.state_dict(), "loss": [h["loss"] for h in history],
                     "rank_diff": rank_diff, "processes": world}, out)  # fmt: skip
-    if torch.distributed.is_initialized():  # close the group: gloo's threads at exit can abort
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
+    leave_process_group()
 
 
 if __name__ == "__main__":
