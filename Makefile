@@ -27,6 +27,7 @@ UNIT_TESTS := OMP_NUM_THREADS=1 $(PY) -m pytest tests -n $(TEST_WORKERS) --dist 
 endif
 
 test: install data  ## unit tests + every notebook at its committed defaults (nbval)
+	$(VENV)/bin/lint-imports --no-cache
 	$(UNIT_TESTS) $(PYTEST_ARGS)
 	$(PY) -m pytest --nbval-lax --nbval-kernel-name $(KERNEL) --nbval-cell-timeout 900 \
 		-p no:cacheprovider notebooks $(PYTEST_ARGS)

@@ -19,8 +19,8 @@ from cartlib.config import load_config, load_preset, save_config
 from cartlib.data import BadFileError, DatasetUnavailableError, check_dataset
 from cartlib.data.stream import source_for
 from cartlib.data.synthetic import make_image_folder
+from cartlib.interop.var import install_var_run
 from cartlib.io import DiskFullError, LockTimeout, dir_lock
-from cartlib.model.var_import import install_var_run
 from cartlib.series import run_series
 from cartlib.shards import ShardError
 from cartlib.train.probe import run_probe

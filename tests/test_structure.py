@@ -1,13 +1,23 @@
-"""The package's layers import one way only: a walk over every module's imports finds no cycle,
-and cartlib is never imported inside a function (only optional heavy dependencies are)."""
+"""The package's layers import one way only.
+
+The layers, the absence of cycles between a package's modules and what the math may not import
+are import-linter contracts in pyproject.toml (``[tool.importlinter]``), run here and by ``make
+test``; a planted upward import shows that they bite. What the contracts do not state is tested
+by hand: no cycle through a package's ``__init__`` and its own modules (import-linter looks at
+siblings only), and cartlib is never imported inside a function (only optional heavy
+dependencies are)."""
 
 from __future__ import annotations
 
 import ast
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "cartlib"
-GROUND = ("cartlib.io", "cartlib.checks", "cartlib.hardware")
+ROOT = Path(__file__).resolve().parents[1]
+PKG = ROOT / "cartlib"
+LINT_IMPORTS = "from importlinter.cli import lint_imports_command; lint_imports_command()"
 
 
 def _module_name(path: Path) -> str:
@@ -69,16 +79,40 @@ def test_the_cycle_finder_finds_a_planted_cycle():
 
 
 def test_package_imports_have_no_cycle():
+    """Module by module, so also a package's ``__init__`` and a module of its own, which the
+    acyclic_siblings contract (cycles between siblings) does not see."""
     graph = import_graph()
     assert len(graph) > 20  # the walk saw the package
     cycle = find_cycle(graph)
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
 
 
-def test_ground_floor_imports_nothing_of_cartlib_above_it():
-    graph = import_graph()
-    for mod in GROUND:
-        assert graph[mod] <= set(GROUND), (mod, graph[mod] - set(GROUND))
+def lint_imports(root: Path) -> subprocess.CompletedProcess:
+    """``lint-imports`` on the package and pyproject.toml in ``root`` (no cache folder)."""
+    cmd = [sys.executable, "-c", LINT_IMPORTS, "--no-cache", "--no-logo"]
+    return subprocess.run(cmd, cwd=root, capture_output=True, text=True, timeout=120)
+
+
+def test_import_contracts_are_kept():
+    done = lint_imports(ROOT)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert " 0 broken" in done.stdout, done.stdout
+
+
+def test_import_contracts_catch_a_planted_upward_import(tmp_path):
+    """The model importing the training layer breaks the layers and the no-cycle contracts."""
+
+    def not_source(folder, names):  # the shipped checkpoints, presets, caches
+        return [n for n in names if (Path(folder) / n).is_file() and not n.endswith(".py")]
+
+    shutil.copytree(PKG, tmp_path / "cartlib", ignore=not_source)
+    shutil.copy(ROOT / "pyproject.toml", tmp_path)
+    transformer = tmp_path / "cartlib" / "model" / "transformer.py"
+    transformer.write_text(transformer.read_text() + "\nfrom cartlib import train  # planted\n")
+    done = lint_imports(tmp_path)
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "cartlib.model is not allowed to import cartlib.train" in done.stdout, done.stdout
+    assert "No cycles are allowed in cartlib." in done.stdout, done.stdout
 
 
 def test_cartlib_is_never_imported_inside_a_function():

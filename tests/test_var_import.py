@@ -13,13 +13,9 @@ import torch
 
 from cartlib import stages
 from cartlib.config import load_preset
+from cartlib.interop.var import install_var_run
 from cartlib.model import build_model
-from cartlib.model.var_import import (
-    install_var_run,
-    load_var_transformer,
-    var_layout,
-    var_state_dict_to_cartlib,
-)
+from cartlib.model.var_import import load_var_transformer, var_layout, var_state_dict_to_cartlib
 from cartlib.tokenizer import Tokenizer
 from cartlib.tokenizer.var_layout import var_state_dict
 
