@@ -4,7 +4,8 @@ The checkpoints here are random tensors with the names and shapes of VAR's model
 public models/var.py and basic_var.py: VAR, AdaLNSelfAttn, SelfAttention, FFN, AdaLNBeforeHead),
 at depth 2 (width 128, 2 heads: VAR's 64 x depth rule), VAR's 256 px schedule 1..16, vocabulary
 4096, Cvae 32. ``var_logits`` is VAR's teacher-forced forward written out in plain torch on those
-names, independently of cartlib's modules."""
+names, independently of cartlib's modules (but from the same reading of VAR's source as the
+converter: tests/test_var_golden.py compares with outputs of VAR's own code)."""
 
 import math
 
