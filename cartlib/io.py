@@ -1,6 +1,7 @@
 """The ground floor: paths, atomic writes, locks, results.json, checkpoints, seeds, the cache.
 
-Every other module of cartlib may import this one; it imports nothing of cartlib. Relative run
+Every other module of cartlib may import this one; it imports only the other ground-floor
+modules (:mod:`cartlib.hardware`, :mod:`cartlib.trust`). Relative run
 directories are resolved against the project root, so a notebook executed from ``notebooks/``
 (nbval, Jupyter) and one executed by papermill from the root write to the same place.
 
@@ -43,6 +44,7 @@ import numpy as np
 import torch
 
 from cartlib import hardware  # ground floor too: the device this process uses
+from cartlib.trust import UnsafeFileError, load_torch  # ground floor: loading without running code
 
 # How long a collective (barrier, broadcast, all-gather) waits for the slowest process before the
 # run fails. NCCL's default, 10 minutes, is shorter than waits a full-scale run has: the barrier
@@ -385,10 +387,14 @@ def cache_dir(*parts: str) -> Path:
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
-    """torch.load with a clear error for a truncated or foreign file (nothing is overwritten)."""
+    """A checkpoint read without running code from it (:func:`cartlib.trust.load_torch`: a file
+    that wants more than tensors and plain values is :class:`~cartlib.trust.UnsafeFileError`),
+    with a clear error for a truncated or foreign file (nothing is overwritten)."""
     path = Path(path)
     try:
-        return torch.load(path, map_location="cpu", weights_only=False)
+        return load_torch(path)
+    except UnsafeFileError:
+        raise
     except Exception as e:  # truncated zip, pickle garbage, ...
         raise RuntimeError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is incomplete or not "

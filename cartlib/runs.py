@@ -41,10 +41,12 @@ from cartlib.stages import finished as _finished
 from cartlib.stages import settle
 from cartlib.train.ar import trained_on
 from cartlib.train.checkpoints import (
+    NotNewest,
     clear_folder,
     clear_if_installed,
     installed_from,
     repair_last,
+    stage_state,
 )
 
 
@@ -72,8 +74,18 @@ def _use_shipped(stage: str, cfg, run_dir, folder: Path, shipped: bool | None, t
     None: neither (:mod:`cartlib.shipped`)."""
     if shipped is False:
         clear_if_installed(folder)
-    elif shipped and train.load_latest(folder) is None:
+    elif shipped and stage_state(folder, 0).status == "missing":
         shipped_stages.install(stage, cfg, run_dir, tokenizer)
+
+
+@contextlib.contextmanager
+def _resumed_if_damaged():
+    """Around loading a finished stage: a damaged newest checkpoint (:class:`NotNewest`) is said,
+    and the caller goes on to train, which resumes from the older one and saves a good newest."""
+    try:
+        yield
+    except NotNewest as e:
+        print(f"{e}\n-> training it again from the older checkpoint", flush=True)
 
 
 def ensure_tokenizer(cfg, run_dir, progress: bool = True, shipped: bool | None = None):
@@ -89,7 +101,8 @@ def _ensure_tokenizer(cfg, run_dir, progress: bool = True, shipped: bool | None 
     _use_shipped("tokenizer", cfg, run_dir, folder, shipped)
     if _finished(folder, cfg.tokenizer.steps):
         repair_last(folder)
-        return train.load_tokenizer(folder)
+        with _resumed_if_damaged():
+            return train.load_tokenizer(folder)
     print(f"training the tokenizer into {folder} ({cfg.tokenizer.steps} steps)")
     tok, _ = train.train_tokenizer(cfg, resolve_run_dir(run_dir), progress=progress)
     return tok
@@ -136,7 +149,8 @@ def _ensure_ar(cfg, run_dir, progress, shipped, tok_cfg, tok):
         clear_folder(folder, "its tokenizer is no longer the shipped one it was trained with")
     if _finished(folder, cfg.ar.steps):
         repair_last(folder)
-        return tok, train.load_ar(folder, tok)
+        with _resumed_if_damaged():
+            return tok, train.load_ar(folder, tok)
     tokens, labels, num_classes = _ensure_tokens(tok_cfg, run_dir, tok, "train", progress)
     print(f"training the transformer into {folder} ({cfg.ar.steps} steps)")
     model, _ = train.train_ar(

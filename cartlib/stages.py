@@ -50,15 +50,15 @@ from cartlib.shards import (
     write_manifest,
 )
 from cartlib.train.ar import trained_on
-from cartlib.train.checkpoints import read_manifest
+from cartlib.train.checkpoints import read_manifest, stage_state
 from cartlib.train.loop import check_stage_config
 
 
 # ----------------------------------------------------------------------------- finished stages
 def finished(folder: Path, steps: int) -> bool:
-    """Whether ``folder`` holds a checkpoint of at least ``steps`` steps."""
-    found = train.load_latest(folder)
-    return found is not None and found[0]["step"] >= steps
+    """Whether ``folder`` holds a checkpoint of at least ``steps`` steps (from its manifest,
+    nothing unpickled: :func:`cartlib.train.checkpoints.stage_state`)."""
+    return stage_state(folder, steps).finished
 
 
 def _has_checkpoint(folder: Path) -> bool:
@@ -123,10 +123,9 @@ def trained(stage: str, cfg, run_dir, tokenizer=None):
     ``cfg`` read from another stage folder's hand-edited config.yaml is named as such)."""
     cfg = settle(stage, cfg, run_dir, None, tokenizer)
     folder, steps = _folder(stage, run_dir, cfg), _steps(stage, cfg)
-    found = train.load_latest(folder)  # the newest checkpoint that verifies (as the loader)
-    done = found[0]["step"] if found is not None else 0
-    if done < steps:
-        if found is None:
+    state = stage_state(folder, steps)  # the loader below checks the file's sha256
+    if not state.finished:
+        if state.status == "missing":
             _refuse_edited_copy(stage, cfg, run_dir)
         config = folder / "config.yaml"
         if not config.exists() and process_state().is_main_process:
@@ -134,7 +133,8 @@ def trained(stage: str, cfg, run_dir, tokenizer=None):
             save_config(cfg, config)
         command = stage_command(cfg, f"train-{stage}", config, run_dir)
         raise FileNotFoundError(
-            f"{folder} holds no finished {stage} ({done} of {steps} steps): train it first:\n"
+            f"{folder} holds no finished {stage} ({state.step} of {steps} steps): train it "
+            f"first:\n"
             f"  {command}"
         )
     if stage == "tokenizer":

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from cartlib.data.common import SPLITS, BadFileError, DatasetUnavailableError
 from cartlib.io import cache_dir
+from cartlib.trust import UnsafeFileError, restricted_load
 
 CACHE_BYTES = 1 << 30  # pre-resize in-memory datasets up to this many uint8 bytes
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
@@ -189,11 +190,21 @@ def _fetch_cifar() -> None:
     CIFAR10(cache_dir("data"), download=True)
 
 
+# What CIFAR-10's python batches pickle: dicts of lists, strings and one uint8 numpy array
+CIFAR_GLOBALS = {
+    "numpy.core.multiarray": {"_reconstruct"},
+    "numpy._core.multiarray": {"_reconstruct"},
+    "numpy": {"ndarray", "dtype"},
+}
+
+
 def _unpickle(path: Path) -> dict:
-    """One file of CIFAR-10's python version (trusted: as torchvision, it is a pickle)."""
+    """One file of CIFAR-10's python version: a pickle, read admitting only the numpy array
+    pieces it holds (:func:`cartlib.trust.restricted_load`; a file wanting more is refused)."""
     try:
-        with open(path, "rb") as f:
-            return pickle.load(f, encoding="latin1")
+        return restricted_load(path, CIFAR_GLOBALS, encoding="latin1")
+    except UnsafeFileError:
+        raise
     except (OSError, EOFError, pickle.UnpicklingError, ValueError) as e:
         raise BadFileError(
             f"{path} is unreadable ({e}); delete the folder and fetch it again"

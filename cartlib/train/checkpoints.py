@@ -31,6 +31,7 @@ from __future__ import annotations
 import json
 import shutil
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -97,6 +98,47 @@ def read_manifest(folder: Path) -> list[dict[str, Any]] | None:
             f"from {CKPT_NAME} without checksums (the checkpoint files stay), or move the "
             "folder away to start this stage afresh"
         ) from e
+
+
+@dataclass(frozen=True)
+class StageState:
+    """What a stage folder holds, read from its manifest without unpickling or hashing anything
+    (:func:`stage_state`): ``status`` is ``missing`` (no checkpoint), ``resumable`` (fewer steps
+    than asked for), ``finished`` (trained here to at least the steps asked for) or
+    ``installed`` (a finished checkpoint installed from :mod:`cartlib.shipped` or VAR's files);
+    ``step`` is the newest checkpoint's step (0 when missing)."""
+
+    status: str
+    step: int = 0
+
+    @property
+    def finished(self) -> bool:
+        return self.status in ("finished", "installed")
+
+
+def stage_state(folder: str | Path, steps: int) -> StageState:
+    """The state of the stage folder ``folder`` for a run of ``steps`` steps: the one answer the
+    CLI, the notebooks' loaders and the rehearsal ask. The newest manifest entry counts when its
+    file is there at the size written (the loader checks its sha256 when it reads it and refuses
+    a damaged one); a folder written before manifests existed is answered by reading its
+    ``last.pt``."""
+    folder = Path(folder)
+    entries = read_manifest(folder)
+    if entries is None:
+        found = load_latest(folder)
+        step = found[0]["step"] if found is not None else None
+    else:  # the newest entry whose file is there (a missing or cut newest one: the one before)
+        ok = (e["step"] for e in entries if _size_ok(folder / e["file"], e["bytes"]))
+        step = next(ok, None)
+    if step is None:
+        return StageState("missing")
+    if step < steps:
+        return StageState("resumable", step)
+    return StageState("installed" if installed_from(folder) else "finished", step)
+
+
+def _size_ok(path: Path, size: int) -> bool:
+    return path.is_file() and path.stat().st_size == size
 
 
 def save_checkpoint(

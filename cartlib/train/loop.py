@@ -96,9 +96,13 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, fsdp:
 
 # ------------------------------------------------------------------------------------ checkpoints
 def rng_state() -> dict[str, Any]:
+    """This process's RNG states as tensors and plain values (a checkpoint loads them with
+    ``weights_only=True``: :mod:`cartlib.trust`)."""
+    kind, key, pos, has_gauss, gauss = np.random.get_state()
     state = {
         "torch": torch.get_rng_state(),
-        "numpy": np.random.get_state(),
+        "numpy": {"kind": kind, "key": torch.from_numpy(key.astype(np.int64)), "pos": int(pos),
+                  "has_gauss": int(has_gauss), "gauss": float(gauss)},  # fmt: skip
         "python": random.getstate(),
     }
     if torch.cuda.is_available():
@@ -191,7 +195,11 @@ def resume_rng(state: dict[str, Any]) -> None:
 
 def set_rng_state(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
+    n = state["numpy"]
+    if isinstance(n, dict):  # else the tuple of np.random.get_state() (older checkpoints)
+        key = n["key"].numpy().astype(np.uint32)
+        n = (n["kind"], key, n["pos"], n["has_gauss"], n["gauss"])
+    np.random.set_state(n)
     random.setstate(state["python"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])

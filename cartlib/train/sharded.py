@@ -15,13 +15,18 @@ without it. The manifest and the single-file part are :mod:`cartlib.train.checkp
 from __future__ import annotations
 
 import os
+import pickle
 import shutil
 from pathlib import Path
 from typing import Any
 
+import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
+from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
+from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
     StateDictOptions,
     get_model_state_dict,
@@ -32,6 +37,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 
 from cartlib.io import sha256_file
+from cartlib.trust import UnsafeFileError, restricted_load
 
 
 def is_sharded(*modules: nn.Module) -> bool:
@@ -100,10 +106,60 @@ def save_shards(
     return name, {f: h for part in parts for f, h in part.items()}
 
 
+# The globals a DCP ``.metadata`` pickle names (torch 2.14's Metadata of tensors and bytes entries)
+DCP_METADATA_GLOBALS = {
+    "torch.distributed.checkpoint.metadata": {
+        "Metadata", "MetadataIndex", "StorageMeta", "TensorProperties", "TensorStorageMetadata",
+        "ChunkStorageMetadata", "BytesStorageMetadata", "_MEM_FORMAT_ENCODING",
+    },
+    "torch.distributed.checkpoint.filesystem": {"_StorageInfo"},
+    "torch.serialization": {"_get_layout"},
+    "torch": {"Size", *(str(d).removeprefix("torch.") for d in (
+        torch.float32, torch.float16, torch.bfloat16, torch.float64, torch.int64, torch.int32,
+        torch.int16, torch.int8, torch.uint8, torch.bool))},
+    "pathlib": {"PosixPath", "WindowsPath", "PurePosixPath"},
+    "collections": {"OrderedDict"},
+}  # fmt: skip
+
+
+class _Reader(dcp.FileSystemReader):
+    """DCP's file reader with the metadata unpickled through :func:`cartlib.trust.
+    restricted_load` (DCP's own reader runs ``pickle.load`` on it: a run folder could carry
+    code)."""
+
+    def read_metadata(self, *args, **kwargs):
+        path = self._get_metadata_path(kwargs.get("rank"))
+        with self.fs.create_stream(path, "rb") as f:
+            metadata = restricted_load(f, DCP_METADATA_GLOBALS, name=str(path))
+        if getattr(metadata, "storage_meta", None) is None:
+            metadata.storage_meta = StorageMeta()
+        metadata.storage_meta.load_id = self.load_id
+        return metadata
+
+
+class _Planner(DefaultLoadPlanner):
+    """DCP's load planner with the non-tensor entries (AdamW's hyper-parameters, the parameter
+    names) read by ``torch.load(weights_only=True)``, not DCP's ``weights_only=False``."""
+
+    def load_bytes(self, read_item, value) -> None:
+        try:
+            obj = torch.load(value, weights_only=True)
+        except pickle.UnpicklingError as e:
+            raise UnsafeFileError(
+                f"the entry {read_item.dest_index.fqn} of a sharded checkpoint was refused: "
+                f"loading it would run code ({e}). Nothing from it was run"
+            ) from None
+        if self.flatten_state_dict:
+            set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
+        else:
+            self.state_dict[read_item.dest_index.fqn] = obj
+
+
 def load_shards(path: Path, modules, optimizers) -> None:
-    """Collective: load ``modules`` and ``optimizers`` (unwrapped) from the DCP folder ``path``."""
+    """Collective: load ``modules`` and ``optimizers`` (unwrapped) from the DCP folder ``path``
+    without running code from it (:class:`_Reader`, :class:`_Planner`)."""
     state = _state(modules, optimizers)
-    dcp.load(state, checkpoint_id=path)
+    dcp.load(state, storage_reader=_Reader(path), planner=_Planner())
     for n, m in modules.items():
         set_model_state_dict(m, state["modules"][n])
     for n, o in optimizers.items():
