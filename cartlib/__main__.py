@@ -163,7 +163,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _import_var(args) -> int:
     """``import-var``: VAR's weights into a run directory, then the command that samples them."""
-    run_dir = runs.resolve_run_dir(args.run_dir)
+    run_dir = runs.resolve_run_dir(args.run_dir, create=False)  # made once both files read
     try:
         cfg = load_preset(args.preset) if args.preset else load_config(args.config)
         tok_dir, ar_dir = install_var_run(cfg, run_dir, args.vae, args.var, args.num_classes)

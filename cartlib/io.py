@@ -64,6 +64,11 @@ class DiskFullError(OSError):
         return self.strerror
 
 
+class UnreadableFileError(RuntimeError, ValueError):
+    """A file cannot be read (truncated, foreign); the message names it and what to do. (A
+    ValueError as well, so that the CLI prints the message without a traceback.)"""
+
+
 class LockTimeout(RuntimeError):
     """Another process held a lock longer than the wait allowed; the message names it."""
 
@@ -396,7 +401,7 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except UnsafeFileError:
         raise
     except Exception as e:  # truncated zip, pickle garbage, ...
-        raise RuntimeError(
+        raise UnreadableFileError(
             f"checkpoint {path} cannot be read ({type(e).__name__}: {e}); it is incomplete or not "
             "a cartlib checkpoint. Move it away to start this stage afresh, or restore a copy"
         ) from e

@@ -190,8 +190,10 @@ def _fetch_cifar() -> None:
     CIFAR10(cache_dir("data"), download=True)
 
 
-# What CIFAR-10's python batches pickle: dicts of lists, strings and one uint8 numpy array
+# What CIFAR-10's python batches pickle: dicts of lists, strings and one uint8 numpy array (and
+# codecs.encode, which Python 3 writes for bytes into protocol-2 pickles of the same data)
 CIFAR_GLOBALS = {
+    "_codecs": {"encode"},
     "numpy.core.multiarray": {"_reconstruct"},
     "numpy._core.multiarray": {"_reconstruct"},
     "numpy": {"ndarray", "dtype"},

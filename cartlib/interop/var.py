@@ -26,6 +26,28 @@ from cartlib.tokenizer.tokenizer import Tokenizer
 from cartlib.tokenizer.var_layout import load_var_state_dict
 from cartlib.train.ar import TOKENIZER_HASH
 from cartlib.train.checkpoints import INSTALLED, save_checkpoint
+from cartlib.trust import UnsafeFileError, load_torch
+
+
+def read_weights(source: dict | str | os.PathLike, what: str) -> dict:
+    """The state dict ``source``, or read from that file without running code from it
+    (:func:`cartlib.trust.load_torch`); a file that is not one is a ValueError naming ``what``
+    and the file. Both files are read before anything is written."""
+    if isinstance(source, dict):
+        return source
+    try:
+        sd = load_torch(source)
+    except UnsafeFileError as e:
+        raise UnsafeFileError(f"{what}: {e}") from None
+    except Exception as e:  # a missing file, a truncated or foreign one
+        first = str(e).strip().splitlines()[0][:200] if str(e).strip() else ""
+        raise ValueError(
+            f"{what}: {source} cannot be read as a torch weights file ({type(e).__name__}: "
+            f"{first}); give VAR's released file (vae_ch160v4096z32.pth, var_d16.pth ...)"
+        ) from None
+    if not isinstance(sd, dict):
+        raise ValueError(f"{what}: {source} holds a {type(sd).__name__}, not a state dict")
+    return sd
 
 
 def install_var_run(
@@ -38,9 +60,11 @@ def install_var_run(
     marked installed, as :mod:`cartlib.shipped` marks its checkpoints: training into one (e.g.
     ``-p retrain True``) empties it and trains anew. -> (tokenizer folder, transformer folder)"""
     cfg = cfg.resolved()
+    vae_sd = read_weights(vae, "the VQ-VAE (--vae)")
+    var_sd = read_weights(var, "the transformer (--var)")
     tok = Tokenizer(cfg.tokenizer, cfg.decompose, cfg.data.resolution)
-    load_var_state_dict(tok, vae)
-    model = load_var_transformer(build_model(cfg, tok.schedule, num_classes), var)
+    load_var_state_dict(tok, vae_sd)
+    model = load_var_transformer(build_model(cfg, tok.schedule, num_classes), var_sd)
     stages = (
         (train.tokenizer_dir(run_dir, cfg), "tokenizer", tok, cfg.tokenizer.steps, vae),
         (train.ar_dir(run_dir, cfg), "model", model, cfg.ar.steps, var),

@@ -65,6 +65,7 @@ import re
 import torch
 
 from cartlib.model.transformer import NextDetailTransformer
+from cartlib.trust import load_torch
 
 ADALN_FROM_VAR = (4, 2, 0, 5, 3, 1)  # cartlib's adaLN chunk j is VAR's chunk ADALN_FROM_VAR[j]
 HEAD_FROM_VAR = (1, 0)  # cartlib's head (shift, scale) from VAR's (scale, shift)
@@ -238,12 +239,11 @@ def check_var_layout(model: NextDetailTransformer, sd: dict[str, torch.Tensor]) 
 def _read(path_or_sd: dict | str | os.PathLike) -> dict[str, torch.Tensor]:
     """A state dict: given, or read from VAR's ``.pth`` (a plain tensor dict: no pickled code
     is run). A dict nested as VAR's training checkpoints are (``ckpt["trainer"]["var_wo_ddp"]``)
-    is unwrapped; those files hold pickled objects, so load them yourself (trusted source only,
-    ``weights_only=False``) and pass the dict."""
-    if isinstance(path_or_sd, dict):
-        sd = path_or_sd
-    else:
-        sd = torch.load(path_or_sd, map_location="cpu", weights_only=True)
+    is unwrapped; those files hold pickled objects beyond tensors, which cartlib refuses to
+    load (:mod:`cartlib.trust`): take the state dict out in a session that trusts the file and
+    pass the dict."""
+    # tensors only: no code from the file is run
+    sd = path_or_sd if isinstance(path_or_sd, dict) else load_torch(path_or_sd)
     return sd.get("trainer", {}).get("var_wo_ddp", sd)
 
 

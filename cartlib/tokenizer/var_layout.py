@@ -27,6 +27,7 @@ import re
 import torch
 
 from cartlib.tokenizer.tokenizer import Tokenizer
+from cartlib.trust import load_torch
 
 _OURS_PHI = re.compile(r"quantizer\.phis\.(\d+)\.conv\.(weight|bias)")
 _VAR_PHI = re.compile(r"quantize\.quant_resi\.(?:qresi_ls\.(\d+)|qresi|(\d+))\.(weight|bias)")
@@ -82,7 +83,7 @@ def from_var_state_dict(state: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
 def load_var_state_dict(tok: Tokenizer, state: dict | str | os.PathLike) -> Tokenizer:
     """Load VAR's VQ-VAE weights (a state dict or the ``.pth`` file) into ``tok`` strictly."""
     if not isinstance(state, dict):  # a plain tensor dict: no pickled code is run
-        state = torch.load(state, map_location="cpu", weights_only=True)
+        state = load_torch(state)
     if tok.cfg.arch != "var" or tok.order != 0:
         raise ValueError(
             f"VAR's VQ-VAE loads into an order-0 tokenizer with arch='var' (got arch="

@@ -25,6 +25,7 @@ import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch import nn
 from torch.distributed.checkpoint._traverse import set_element
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.metadata import StorageMeta
 from torch.distributed.checkpoint.state_dict import (
@@ -37,6 +38,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.fsdp import FSDPModule
 
 from cartlib.io import sha256_file
+from cartlib.train.checkpoints import CheckpointError
 from cartlib.trust import UnsafeFileError, restricted_load
 
 
@@ -127,10 +129,16 @@ class _Reader(dcp.FileSystemReader):
     restricted_load` (DCP's own reader runs ``pickle.load`` on it: a run folder could carry
     code)."""
 
+    refused: UnsafeFileError | None = None  # what it refused (DCP reports it as text)
+
     def read_metadata(self, *args, **kwargs):
         path = self._get_metadata_path(kwargs.get("rank"))
         with self.fs.create_stream(path, "rb") as f:
-            metadata = restricted_load(f, DCP_METADATA_GLOBALS, name=str(path))
+            try:
+                metadata = restricted_load(f, DCP_METADATA_GLOBALS, name=str(path))
+            except UnsafeFileError as e:
+                self.refused = e
+                raise
         if getattr(metadata, "storage_meta", None) is None:
             metadata.storage_meta = StorageMeta()
         metadata.storage_meta.load_id = self.load_id
@@ -139,16 +147,19 @@ class _Reader(dcp.FileSystemReader):
 
 class _Planner(DefaultLoadPlanner):
     """DCP's load planner with the non-tensor entries (AdamW's hyper-parameters, the parameter
-    names) read by ``torch.load(weights_only=True)``, not DCP's ``weights_only=False``."""
+    names) read by ``torch.load(weights_only=True)``, where DCP's own planner unpickles anything."""
+
+    refused: UnsafeFileError | None = None
 
     def load_bytes(self, read_item, value) -> None:
         try:
             obj = torch.load(value, weights_only=True)
         except pickle.UnpicklingError as e:
-            raise UnsafeFileError(
+            self.refused = UnsafeFileError(
                 f"the entry {read_item.dest_index.fqn} of a sharded checkpoint was refused: "
-                f"loading it would run code ({e}). Nothing from it was run"
-            ) from None
+                f"loading it would run code ({str(e).splitlines()[0]}). Nothing from it was run"
+            )
+            raise self.refused from None
         if self.flatten_state_dict:
             set_element(self.original_state_dict, self.mappings[read_item.dest_index.fqn], obj)
         else:
@@ -159,7 +170,18 @@ def load_shards(path: Path, modules, optimizers) -> None:
     """Collective: load ``modules`` and ``optimizers`` (unwrapped) from the DCP folder ``path``
     without running code from it (:class:`_Reader`, :class:`_Planner`)."""
     state = _state(modules, optimizers)
-    dcp.load(state, storage_reader=_Reader(path), planner=_Planner())
+    reader, planner = _Reader(path), _Planner()
+    try:
+        dcp.load(state, storage_reader=reader, planner=planner)
+    except CheckpointException as e:  # a BaseException, holding every rank's error as text
+        if reader.refused or planner.refused:
+            raise (reader.refused or planner.refused) from None
+        if "was refused" in str(e):  # another rank refused it
+            raise UnsafeFileError(f"{path} was refused by another process:\n{e}") from None
+        raise CheckpointError(
+            f"the sharded checkpoint {path} cannot be read:\n{e}\nMove the folder away to "
+            "resume from the checkpoint before it, or restore a copy"
+        ) from None
     for n, m in modules.items():
         set_model_state_dict(m, state["modules"][n])
     for n, o in optimizers.items():
