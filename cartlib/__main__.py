@@ -20,7 +20,7 @@ from cartlib.data import BadFileError, DatasetUnavailableError, check_dataset
 from cartlib.data.stream import source_for
 from cartlib.data.synthetic import make_image_folder
 from cartlib.interop.var import install_var_run
-from cartlib.io import DiskFullError, LockTimeout, dir_lock
+from cartlib.io import DiskFullError, LockTimeout, ReadOnlyError, dir_lock
 from cartlib.series import run_series
 from cartlib.shards import ShardError
 from cartlib.train.probe import run_probe
@@ -28,7 +28,7 @@ from cartlib.train.probe import run_probe
 # errors whose message says what is wrong and what to do: printed without a traceback
 USER_ERRORS = (
     ValueError, FileNotFoundError, DatasetUnavailableError, BadFileError, ShardError,
-    DiskFullError, LockTimeout, FloatingPointError,
+    DiskFullError, ReadOnlyError, LockTimeout, FloatingPointError,
 )  # fmt: skip
 EXIT_NOT_TRAINED = 3  # train-ar could not train here (the plan explains why)
 
@@ -54,6 +54,11 @@ def _parser() -> argparse.ArgumentParser:
         p.add_argument("--run-dir", required=True)
         if stage == "extract-tokens":
             p.add_argument("--split", default="train", choices=("train", "test"))
+            p.add_argument(
+                "--redo-bad",
+                action="store_true",
+                help="re-encode the shards that fail their checks (the good ones are kept)",
+            )
         if stage == "sample":
             # unset: the config's `sample` section (the full-scale presets hold VAR's FID setting)
             p.add_argument("--per-class", type=int, default=None)
@@ -109,7 +114,7 @@ def _stage(args) -> int:
         main = runs.process_state().is_main_process  # one extraction per folder at a time
         folder = train.tokenizer_dir(run_dir, cfg)
         with dir_lock(folder, "extract-tokens") if main else contextlib.nullcontext():
-            stages.extract_shards(cfg, run_dir, tok, args.split, source=source)
+            stages.extract_shards(cfg, run_dir, tok, args.split, source, redo_bad=args.redo_bad)
     elif args.command == "train-ar":
         plan = launch.plan_ar(cfg, args.run_dir, write=False)  # the cluster it was launched into
         if plan.mode == "explain":  # e.g. a full-scale config on a machine without GPUs

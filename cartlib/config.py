@@ -27,6 +27,7 @@ import dataclasses
 import difflib
 import hashlib
 import json
+import math
 import re
 import types
 import typing
@@ -425,7 +426,14 @@ def _check_value(where: str, value: Any, tp: Any) -> Any:
         return value
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{where}={value!r} must be a number (got {type(value).__name__})")
+            hint = ""
+            if isinstance(value, str) and _is_number(value):
+                hint = f": write it without quotes ({value}), with a decimal point in YAML"
+            raise ConfigError(
+                f"{where}={value!r} must be a number (got {type(value).__name__}){hint}"
+            )
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}={value!r} must be a finite number")
         return float(value)
     if tp is int:
         if isinstance(value, bool) or not isinstance(value, int):
@@ -485,7 +493,7 @@ def _preset_dict(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
         raise _unknown("preset", name, available_presets())
     if name in seen:
         raise ConfigError(f"preset {name!r} inherits from itself through {' -> '.join(seen)}")
-    raw = yaml.safe_load(path.read_text()) or {}
+    raw = read_yaml(path) or {}
     base = raw.pop("base", None)
     merged = _preset_dict(base, (*seen, name)) if base else {}
     for key, value in raw.items():
@@ -512,9 +520,49 @@ def save_config(cfg: RunConfig, path: str | Path) -> None:
     atomic_write_bytes(path, yaml.safe_dump(_plain(cfg.to_dict()), sort_keys=False).encode())
 
 
+class _Loader(yaml.SafeLoader):
+    """YAML with YAML 1.2's numbers: PyYAML (YAML 1.1) reads ``1e-4`` (no decimal point) as the
+    string "1e-4"; here it is the float, as in every other YAML reader and in Python."""
+
+
+_Loader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+def read_yaml(path: str | Path) -> Any:
+    """The YAML file ``path`` (:class:`_Loader`); a syntax slip is a ConfigError naming the file
+    and the line."""
+    path = Path(path)
+    try:
+        return yaml.load(path.read_text(), Loader=_Loader)  # a SafeLoader: no objects
+    except yaml.YAMLError as e:
+        where = getattr(e, "problem_mark", None)
+        line = f" at line {where.line + 1}, column {where.column + 1}" if where else ""
+        what = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path} is not valid YAML{line}: {what}. Fix it and run again") from None
+
+
 def load_config(path: str | Path) -> RunConfig:
-    raw = yaml.safe_load(Path(path).read_text()) or {}
-    return apply_overrides(RunConfig(), raw)
+    """The :class:`RunConfig` a YAML file (written by :func:`save_config`, or by hand) holds;
+    every setting checked as a preset's is, the file named in the error."""
+    raw = read_yaml(path) or {}
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{path} holds a {type(raw).__name__}, not a mapping of settings")
+    try:
+        return apply_overrides(RunConfig(), raw)
+    except ConfigError as e:
+        raise ConfigError(f"{path}: {e}") from None
 
 
 def _plain(obj: Any) -> Any:

@@ -69,6 +69,14 @@ class UnreadableFileError(RuntimeError, ValueError):
     ValueError as well, so that the CLI prints the message without a traceback.)"""
 
 
+class ReadOnlyError(OSError):
+    """A folder that must be written is read-only storage (or not ours); the message says what
+    needed to write and what to do."""
+
+    def __str__(self) -> str:
+        return self.strerror
+
+
 class LockTimeout(RuntimeError):
     """Another process held a lock longer than the wait allowed; the message names it."""
 
@@ -165,8 +173,11 @@ def reserve(path: str | os.PathLike, nbytes: int) -> None:
 
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to ``path`` so that a crash never leaves a half-written file there."""
+    """Write ``data`` to ``path`` so that a crash never leaves a half-written file there. A
+    symbolic link at ``path`` is written through (its target replaced), not replaced."""
     path = Path(path)
+    if path.is_symlink():
+        path = path.resolve()
     fd, tmp = _temp_file(path)
     try:
         with os.fdopen(fd, "wb") as f:
@@ -297,8 +308,19 @@ def file_lock(lock_path: str | os.PathLike, what: str = "", timeout: float | Non
         return
     if timeout is None and os.environ.get("CART_LOCK_TIMEOUT"):
         timeout = float(os.environ["CART_LOCK_TIMEOUT"])
-    lock_path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    try:
+        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as e:
+        if e.errno not in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise
+        raise ReadOnlyError(
+            e.errno,
+            f"cannot write in {lock_path.parent} ({os.strerror(e.errno)}): {what or 'this'} "
+            "needs to write there. A finished stage on read-only storage can be read (loading "
+            "takes no lock); to train or sample, copy the run folder to writable storage or "
+            "give another run_dir",
+        ) from None
     try:
         _acquire(fd, lock_path, timeout)
         since = datetime.now().astimezone().isoformat(timespec="seconds")

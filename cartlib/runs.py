@@ -92,7 +92,34 @@ def ensure_tokenizer(cfg, run_dir, progress: bool = True, shipped: bool | None =
     """The trained tokenizer of ``cfg`` in ``run_dir``: loaded when a finished one with the same
     data/decomposition/tokenizer settings is there (at any precision, :func:`settle`), else
     trained (resuming a partial run). ``shipped``: see :func:`_use_shipped`."""
-    return _ensure_tokenizer(settle("tokenizer", cfg, run_dir, shipped), run_dir, progress, shipped)
+    cfg = settle("tokenizer", cfg, run_dir, shipped)
+    return _read_finished("tokenizer", cfg, run_dir, shipped) or _ensure_tokenizer(
+        cfg, run_dir, progress, shipped
+    )
+
+
+def _read_finished(stage: str, cfg, run_dir, shipped: bool | None, tokenizer=None):
+    """The finished ``stage`` of ``cfg`` read without taking its folder's lock (reading writes
+    nothing: a finished run on read-only storage opens), or None when it is not there as asked
+    (not finished, damaged, or installed where ``shipped=False`` asks to train): then the
+    caller takes the lock, looks again and produces it."""
+    folder = (train.tokenizer_dir if stage == "tokenizer" else train.ar_dir)(
+        resolve_run_dir(run_dir, create=False), cfg
+    )
+    steps = cfg.tokenizer.steps if stage == "tokenizer" else cfg.ar.steps
+    state = stage_state(folder, steps)
+    if not state.finished or (shipped is False and state.status == "installed"):
+        return None
+    if stage == "ar" and installed_from(folder) and trained_on(folder) != tokenizer_hash(tokenizer):
+        return None  # installed on a shipped tokenizer replaced since: retrained under the lock
+    try:
+        return (
+            train.load_tokenizer(folder)
+            if stage == "tokenizer"
+            else train.load_ar(folder, tokenizer)
+        )
+    except NotNewest:
+        return None  # the locked path says so and resumes from the older checkpoint
 
 
 @stage_lock(train.tokenizer_dir)
@@ -120,10 +147,10 @@ def ensure_tokens(cfg, run_dir, tokenizer, split: str = "train", progress: bool 
 def _ensure_tokens(cfg, run_dir, tokenizer, split: str = "train", progress: bool = True):
     run_dir = resolve_run_dir(run_dir)
     folder = shard_folder(train.tokenizer_dir(run_dir, cfg), split)
-    if (folder / "manifest.json").exists():
-        shards = TokenShards(
-            folder, tokenizer_hash(tokenizer), stages.extract_command(cfg, run_dir, split)
-        )
+    if (folder / "manifest.json").exists():  # checked against the data as it is now
+        rebuild = stages.extract_command(cfg, run_dir, split)
+        identity = stages.current_identity(cfg, split)
+        shards = TokenShards(folder, tokenizer_hash(tokenizer), rebuild, identity)
     else:
         shards = stages.extract_shards(cfg, run_dir, tokenizer, split, progress=progress)
     return shards, shards.labels, shards.num_classes
@@ -135,8 +162,13 @@ def ensure_ar(cfg, run_dir, progress: bool = True, shipped: bool | None = None):
     :mod:`cartlib.shipped` when cartlib ships it (the transformer only on top of its own
     tokenizer); False: installed ones are replaced by training (see :func:`_use_shipped`)."""
     tok_cfg = settle("tokenizer", cfg, run_dir, shipped)
-    tok = _ensure_tokenizer(tok_cfg, run_dir, progress, shipped)
+    tok = _read_finished("tokenizer", tok_cfg, run_dir, shipped) or _ensure_tokenizer(
+        tok_cfg, run_dir, progress, shipped
+    )
     ar_cfg = settle("ar", cfg, run_dir, shipped, tok)
+    model = _read_finished("ar", ar_cfg, run_dir, shipped, tok)
+    if model is not None:
+        return tok, model
     return _ensure_ar(ar_cfg, run_dir, progress, shipped, tok_cfg, tok)
 
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shlex
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -145,12 +146,12 @@ def check_shard(folder: Path, shard: Shard, expect: dict) -> str | None:
     if rec.get("tokenizer") != expect["tokenizer"]:
         return (f"it was extracted with another tokenizer (hash {rec.get('tokenizer')}, this one "
                 f"is {expect['tokenizer']})")  # fmt: skip
-    for k, what in (("dataset", "dataset"), ("items", "list of images")):
-        if k in rec and k in expect and rec[k] != expect[k]:  # (older records lack items)
-            return (
+    for k, what in (("dataset", "dataset"), ("items", "list of images"),
+                    ("identity", "images (names, sizes or times)")):  # fmt: skip
+        if k in rec and k in expect and rec[k] != expect[k]:  # (older records lack some)
+            return Stale(
                 f"the {what} changed since it was extracted ({rec[k]}, now {expect[k]}): its "
-                "rows would encode other images than their positions say; rebuild every shard "
-                f"(rm -r {folder})"
+                "rows encode other images than the data holds now"
             )
     want = {
         "start": shard.start,
@@ -197,11 +198,30 @@ def _digest_problem(folder: Path, shard: Shard, recorded, listed) -> str | None:
     return None
 
 
-def shard_error(folder: Path, shard: Shard, reason: str, rebuild: str) -> ShardError:
-    files = " ".join(str(p) for p in shard.paths(folder))
+class Stale(str):
+    """A reason why a shard is unusable that holds for the whole folder (the data changed since
+    extraction): every shard is rebuilt, not this one."""
+
+
+def stale_error(folder: Path, reason: str, rebuild: str) -> ShardError:
+    """The data changed since the shards of ``folder`` were extracted: rebuild them all (one
+    command, quoted for the shell)."""
     return ShardError(
-        f"token shard {folder / shard.name}.npy is unusable: {reason}. Rebuild it (nothing else "
-        f"is re-encoded: extraction resumes shard by shard):\n  rm -f {files}\n  {rebuild}"
+        f"the token shards in {folder} are stale: {reason}. Training on them would learn images "
+        f"that are no longer there. Rebuild them all:\n  rm -r {shlex.quote(str(folder))} && "
+        f"{rebuild}"
+    )
+
+
+def shard_error(folder: Path, shard: Shard, reason: str, rebuild: str) -> ShardError:
+    """Shard ``shard`` is unusable for ``reason``: re-encode the bad ones (one command for them
+    all: ``extract-tokens --redo-bad`` re-encodes every shard that fails its checks and keeps
+    the others), or, for :class:`Stale` reasons, rebuild the folder."""
+    if isinstance(reason, Stale):
+        return stale_error(folder, reason, rebuild)
+    return ShardError(
+        f"token shard {folder / shard.name}.npy is unusable: {reason}. Re-encode every bad shard "
+        f"(the good ones are kept):\n  {rebuild} --redo-bad"
     )
 
 
@@ -261,9 +281,16 @@ class TokenShards:
     ``rows(idx, view)`` -> int64 (b, L): the sequences of images ``idx`` (b,) in views ``view``
     (b,); ``labels`` int64 (N,); ``num_classes``, ``views``, ``seq_len``, ``len()`` = images.
     ``tokenizer``: the hash the shards must carry (None: the manifest's); ``rebuild``: the command
-    an error message gives to rebuild a bad shard."""
+    an error message gives to rebuild a bad shard; ``identity``: the data's identity now
+    (``dataset.identity()``; None: not checked, e.g. the images are not on this machine)."""
 
-    def __init__(self, folder: str | os.PathLike, tokenizer: str | None = None, rebuild: str = ""):
+    def __init__(
+        self,
+        folder: str | os.PathLike,
+        tokenizer: str | None = None,
+        rebuild: str = "",
+        identity: str | None = None,
+    ):
         self.folder = Path(folder)
         path = self.folder / MANIFEST
         if not path.exists():
@@ -277,8 +304,12 @@ class TokenShards:
             raise ShardError(
                 f"the tokens in {self.folder} were extracted with another tokenizer (hash "
                 f"{m['tokenizer']}; this one is {tokenizer}): every shard must be rebuilt:\n"
-                f"  rm -r {self.folder}\n  {rebuild}"
+                f"  rm -r {shlex.quote(str(self.folder))} && {rebuild}"
             )
+        if identity is not None and m.get("identity", identity) != identity:  # (older: none)
+            reason = (f"the images changed since extraction (identity {m['identity']}, the data "
+                      f"holds {identity} now: a file added, removed or rewritten)")  # fmt: skip
+            raise stale_error(self.folder, reason, rebuild)
         arrays, labels = [], []
         for shard, entry in zip(self.shards, m["shards"], strict=True):
             expect = {**m, "sha256": entry.get("sha256")}

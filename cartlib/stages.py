@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 from PIL import Image
 from tqdm.auto import tqdm
 
@@ -33,6 +34,7 @@ from cartlib import launch, train
 from cartlib import shipped as shipped_stages
 from cartlib.cluster import Cluster, launch_args, stage_command
 from cartlib.config import STAGE_FOLDER, ConfigError, load_config, save_config
+from cartlib.data import dataset_identity
 from cartlib.data.augment import hash_seed, view, views_are
 from cartlib.data.stream import Bases, ItemSource, batches, source_for
 from cartlib.hardware import HALF_DTYPES, PRECISIONS
@@ -41,6 +43,7 @@ from cartlib.sample import generate
 from cartlib.shards import (
     TOKEN_DTYPE,
     ShardWriter,
+    Stale,
     TokenShards,
     check_shard,
     plan_shards,
@@ -189,18 +192,38 @@ def _meta(cfg, tokenizer, source: ItemSource, split: str) -> dict:
         "augment": {"mid_ratio": d.mid_ratio, "resolution": d.resolution},
         "tokenizer": tokenizer_hash(tokenizer),
         "shard_size": d.shard_size,
-        # which images, in order: an image folder changed since extraction is refused
-        "items": getattr(source.dataset, "items_signature", lambda: source.key)(),
+        # which images, in order, as they are (names, sizes, times / pixels): shards of data
+        # that changed since are refused by extraction and by training (rank 0's, for all)
+        "identity": _broadcast(getattr(source.dataset, "identity", lambda: source.key)()),
     }
+
+
+def _broadcast(value):
+    """``value`` of the main process on every process (a launched group), else itself."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return value
+    box = [value]
+    dist.broadcast_object_list(box, src=0)
+    return box[0]
+
+
+def current_identity(cfg, split: str) -> str | None:
+    """The identity of the data of ``split`` as it is now (rank 0's, on every process), or None
+    when the images are not on this machine (:func:`cartlib.data.dataset_identity`)."""
+    main = process_state().is_main_process
+    return _broadcast(dataset_identity(cfg.data, split) if main else None)
 
 
 @torch.no_grad()
 def extract_shards(
-    cfg, run_dir, tokenizer, split: str = "train", source=None, progress: bool = True
-) -> TokenShards:
+    cfg, run_dir, tokenizer, split: str = "train", source=None, progress: bool = True,
+    redo_bad: bool = False,
+) -> TokenShards:  # fmt: skip
     """Encode ``split`` into token shards next to the tokenizer (this process's share of the
     unfinished shards; all of them without a launcher) and return them, checked, memory-mapped.
-    ``source``: the split's ItemSource when the caller already opened it."""
+    ``source``: the split's ItemSource when the caller already opened it. ``redo_bad``:
+    re-encode the shards that fail their checks (else they are an error saying so); shards of
+    data that changed since (:class:`~cartlib.shards.Stale`) are always an error."""
     state, d = process_state(), cfg.data
     if d.views < 1:
         raise ConfigError(f"data.views={d.views} must be >= 1 (1: the centre crop)")
@@ -220,7 +243,9 @@ def extract_shards(
     todo = []
     for shard in shards[state.process_index :: state.num_processes]:
         reason = check_shard(folder, shard, meta)
-        if reason == "missing":
+        if reason == "missing" or (
+            reason is not None and redo_bad and not isinstance(reason, Stale)
+        ):
             todo.append(shard)
         elif reason is not None:
             raise shard_error(folder, shard, reason, rebuild)
@@ -235,7 +260,7 @@ def extract_shards(
                 raise shard_error(folder, shard, reason, rebuild)
         write_manifest(folder, shards, meta)
     state.wait_for_everyone()
-    return TokenShards(folder, meta["tokenizer"], rebuild)
+    return TokenShards(folder, meta["tokenizer"], rebuild, meta["identity"])
 
 
 def _encode(cfg, tokenizer, source, folder, todo, meta, device, progress) -> None:

@@ -177,7 +177,7 @@ def test_bad_shards_name_the_shard_and_the_rebuild_command(run, tmp_path):
     (folder / "shard-00001.npy").write_bytes(data)
     record = json.loads((folder / "shard-00002.json").read_text())
     (folder / "shard-00002.json").write_text(json.dumps({**record, "tokenizer": "0" * 16}))
-    with pytest.raises(ShardError, match=r"(?s)shard-00002.*another tokenizer.*rm -f"):
+    with pytest.raises(ShardError, match=r"(?s)shard-00002.*another tokenizer.*--redo-bad"):
         TokenShards(folder)
     other = train.load_tokenizer(train.tokenizer_dir(run["base"] / "ref", run["cfg"]))
     with torch.no_grad():
@@ -392,11 +392,53 @@ def test_shards_of_a_changed_image_folder_are_refused_not_mixed(run, tmp_path):
     first = sorted(cls.iterdir())[0]
     renamed = first.with_name("zz-" + first.name)
     first.rename(renamed)  # same count, another order
-    with pytest.raises(ShardError, match=r"list of images changed since it was extracted"):
+    with pytest.raises(ShardError, match=r"stale: the images \(names, sizes or times\) "
+                       r"changed since it was extracted"):  # fmt: skip
         stages.extract_shards(cfg, tmp_path / "run", run["tok"], progress=False)
     shutil.copy(renamed, cls / "added.png")  # one more image: another dataset key too
-    with pytest.raises(ShardError, match=r"(dataset|list of images) changed.*rm -r"):
+    with pytest.raises(ShardError, match=r"(?s)(dataset|images .*) changed.*rm -r .* && "):
         stages.extract_shards(cfg, tmp_path / "run", run["tok"], progress=False)
+
+
+@pytest.mark.parametrize("change", ["rewritten", "added"])
+def test_training_refuses_shards_of_images_rewritten_or_added_since_extraction(
+    run, tmp_path, change
+):
+    """Issue 37, silently wrong 2-3: images overwritten in place under their names (extraction
+    kept the shards byte-identical) or added after extraction (train-ar trained on the old 40
+    and ignored the new), rc 0. Now every consumer of the shards compares the data's identity
+    (names, sizes, mtimes) with the one they were extracted from, and says the one command that
+    rebuilds them, quoted for the shell; with the images not on the machine, they train."""
+    root = tmp_path / "rün dir" / "images"
+    shutil.copytree(run["root"], root)
+    cfg = scale_cfg(root)
+    rundir = tmp_path / "rün dir" / "ä b"
+    runs.ensure_tokens(cfg, rundir, run["tok"], progress=False)
+    images = sorted((root / "train").rglob("*.png"))
+    if change == "rewritten":
+        for p in images[:20]:  # same names and count, other pixels
+            _png_noise(p)
+    else:
+        for i, p in enumerate(images[:4]):
+            shutil.copy(p, p.with_name(f"new-{i}.png"))
+    for consumer in (
+        lambda: runs.ensure_tokens(cfg, rundir, run["tok"], progress=False),  # train-ar's path
+        lambda: stages.extract_shards(cfg, rundir, run["tok"], progress=False),
+    ):
+        with pytest.raises(ShardError, match=r"stale") as e:
+            consumer()
+        command = str(e.value).splitlines()[-1].strip()
+        assert command.startswith("rm -r '") and "extract-tokens" in command
+        folder = shlex.split(command)[2]
+        assert Path(folder).name == "tokens-train" and Path(folder).is_dir()
+    shutil.move(root, tmp_path / "elsewhere")  # extracted on another machine: not checked
+    shards, _, _ = runs.ensure_tokens(cfg, rundir, run["tok"], progress=False)
+    assert len(shards) == 40
+
+
+def _png_noise(path: Path) -> None:
+    rng = np.random.default_rng(len(str(path)))
+    Image.fromarray(rng.integers(0, 255, (20, 20, 3), dtype=np.uint8)).save(path)
 
 
 def test_damaged_token_or_label_values_name_their_shard(run, tmp_path):

@@ -22,6 +22,7 @@ import time
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from PIL import Image
@@ -38,6 +39,7 @@ from cartlib.config import (
     load_preset,
     save_config,
 )
+from cartlib.data import BadFileError, load_dataset
 from cartlib.data.arrays import ArrayDataset
 from cartlib.decompose import cache as dcache
 from cartlib.params import notebook_config
@@ -547,3 +549,30 @@ def test_a_stage_whose_newest_checkpoint_is_damaged_is_not_finished(tmp_path):
     newest.write_bytes(bytes(blob))
     with pytest.raises(FileNotFoundError, match=r"no finished model any more"):
         stages.trained("tokenizer", cfg, tmp_path)
+
+
+def test_float_images_are_read_as_their_values_and_nan_ones_are_refused(tmp_path):
+    """Issue 37, silently wrong 5: a 32-bit float TIFF in [0, 1] loaded all black (clipped as if
+    0-255) and a NaN one loaded black and trained; ArrayDataset took float images and each
+    ds[i] divided the caller's own tensor by 255 in place."""
+    from cartlib.data import load_image
+
+    grey = np.linspace(0, 1, 64, dtype=np.float32).reshape(8, 8)
+    Image.fromarray(grey, mode="F").save(tmp_path / "f.tif")
+    x = load_image(tmp_path / "f.tif", 8)
+    assert torch.allclose(x[0], torch.from_numpy(grey), atol=1 / 255)
+    nan = grey.copy()
+    nan[2, 3] = np.nan
+    (tmp_path / "c").mkdir()
+    Image.fromarray(nan, mode="F").save(tmp_path / "c" / "nan.tif")
+    ds = load_dataset("imagefolder", root=str(tmp_path / "c"), resolution=8, split="train")
+    with pytest.raises(BadFileError, match=r"nan.tif.*1 NaN or infinite"):
+        ds[0]
+    floats = torch.rand(2, 3, 8, 8)
+    with pytest.raises(ValueError, match=r"must be uint8.*got torch.float32.*\* 255"):
+        _array_dataset(floats)
+    images = (floats * 255).round().to(torch.uint8)
+    before = images.clone()
+    ds = _array_dataset(images)
+    ds[0], ds[1]
+    assert torch.equal(images, before)

@@ -48,7 +48,9 @@ error naming the file, or with ``"skip"`` is replaced by the next decodable item
 from __future__ import annotations
 
 import difflib
+import os
 from collections.abc import Callable
+from pathlib import Path
 
 import torch
 from torch.utils.data import DataLoader, Dataset
@@ -76,6 +78,7 @@ from cartlib.data.folder import (  # noqa: F401  (re-exported)
     IMAGE_EXTENSIONS,
     ImageFolderDataset,
     imagefolder,
+    imagefolder_identity,
     imagefolder_num_classes,
     load_image,
 )
@@ -121,6 +124,23 @@ def load_dataset_from_config(cfg: DataConfig, split: str = "train", **kwargs) ->
     return load_dataset(
         cfg.dataset, split, cfg.resolution, cfg.root, limit, cfg.bad_files, **kwargs
     )
+
+
+def dataset_identity(cfg: DataConfig, split: str = "train") -> str | None:
+    """The ``identity()`` of a config's dataset split as it is on this machine now, cheaply: an
+    image folder is listed and stat'ed (no image is read), an in-memory dataset hashed. None
+    when the data is not here (tokens extracted elsewhere train without their images)."""
+    try:
+        if cfg.dataset == "imagefolder":
+            root = cfg.root or os.environ.get("CART_DATA_DIR")
+            if not root or not Path(root).expanduser().is_dir():
+                return None
+            return imagefolder_identity(root, split)
+        dataset = load_dataset_from_config(cfg, split, download=False, progress=False)
+    except DatasetUnavailableError:
+        return None
+    identity = getattr(dataset, "identity", None)
+    return identity() if identity else None
 
 
 def make_loader(dataset, batch_size, shuffle=True, seed=0, num_workers=0, drop_last=None):

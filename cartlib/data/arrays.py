@@ -54,6 +54,12 @@ class ArrayDataset(Dataset):
         self.name, self.split, self.classes, self.source = name, split, list(classes), str(source)
         self.resolution = resolution
         self.labels = torch.from_numpy(np.array(labels, dtype=np.int64))
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise ValueError(
+                f"{name}: images must be uint8 (N, C, h, w) with C = 1 or 3, values 0-255; got "
+                f"{images.dtype} {tuple(images.shape)}. From floats in [0, 1]: "
+                "(x * 255).round().to(torch.uint8)"
+            )
         n, c = images.shape[:2]
         self.lazy = n * c * resolution**2 > CACHE_BYTES
         self.images = images if self.lazy else resize_uint8(images, resolution)
@@ -70,11 +76,18 @@ class ArrayDataset(Dataset):
         """sha256 of the pixels of the first ``n`` items (keys the decomposition cache)."""
         return hashlib.sha256(self.images[:n].contiguous().numpy()).hexdigest()
 
+    def identity(self) -> str:
+        """sha256 of every image's pixels and every label (a fraction of a second for
+        Fashion-MNIST's 60k): what token shards record and their consumers compare."""
+        h = hashlib.sha256(self.images.contiguous().numpy())
+        h.update(self.labels.numpy().tobytes())
+        return h.hexdigest()[:16]
+
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         x = self.images[i]  # (C, h, w) uint8
         if self.lazy:
             x = resize_uint8(x[None], self.resolution)[0]
-        return x.expand(3, -1, -1).float().div_(255), int(self.labels[i])
+        return x.expand(3, -1, -1).float().div(255), int(self.labels[i])
 
 
 # --------------------------------------------------------------------------------- fashion-mnist

@@ -30,7 +30,17 @@ IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 
 
 def to_rgb(im: Image.Image) -> Image.Image:
-    """Any PIL mode to RGB: 16-bit grey keeps its top 8 bits, transparency goes on white."""
+    """Any PIL mode to RGB: 16-bit grey keeps its top 8 bits, transparency goes on white, 32-bit
+    float grey is read as [0, 1] when no value exceeds 1 (else as 0-255). A float image holding
+    NaN or infinity is refused (ValueError): there is no pixel value to give it."""
+    if im.mode == "F":
+        a = np.asarray(im, dtype=np.float64)
+        if not np.isfinite(a).all():
+            raise ValueError(
+                f"the float image holds {int((~np.isfinite(a)).sum())} NaN or infinite value(s)"
+            )
+        scale = 255.0 if a.size and a.max() <= 1.0 else 1.0  # [0, 1] floats, or 0-255
+        im = Image.fromarray(np.clip(np.round(a * scale), 0, 255).astype(np.uint8))
     if im.mode in ("I", "I;16", "I;16B", "I;16L"):
         im = Image.fromarray(np.clip(np.asarray(im).astype(np.int64) >> 8, 0, 255).astype(np.uint8))
     if im.mode in ("RGBA", "LA", "PA") or (im.mode == "P" and "transparency" in im.info):
@@ -157,6 +167,28 @@ def _list_images(root: Path, split: str) -> tuple[list[tuple[Path, str]], list[s
     return items, classes or [root.name]
 
 
+def listing_identity(root: Path, items: list[tuple[Path, str]]) -> str:
+    """sha1 of a split's listing, in order: each file's path under ``root``, class, size and
+    mtime_ns (stat'ed, not read; every listed file, readable or not). Names alone miss an image
+    rewritten in place; sizes and times catch it without reading a pixel. A copy of the data made
+    without keeping times (plain ``cp``, not ``cp -a``/``rsync -a``) counts as other images."""
+    h = hashlib.sha1()
+    for path, cls in items:
+        st = os.stat(path)
+        rel = path.relative_to(root)
+        h.update(f"{rel}\0{cls}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def imagefolder_identity(root: str | os.PathLike, split: str) -> str:
+    """:meth:`ImageFolderDataset.identity` of a split without opening the dataset (the folders
+    are listed and the files stat'ed; no header is read): what a consumer of token shards
+    compares with the identity they were extracted from."""
+    root = Path(root).expanduser().resolve()
+    items, _ = _list_images(root, split)
+    return listing_identity(root, items)
+
+
 class ImageFolderDataset(Dataset):
     """Images decoded from files on every access (see the module docstring for bad files).
 
@@ -164,7 +196,9 @@ class ImageFolderDataset(Dataset):
     Path list on demand): at ImageNet size a list of Path objects is hundreds of MB that every
     forked DataLoader worker would copy page by page as it touches their reference counts."""
 
-    def __init__(self, root, split, resolution, files, labels, classes, bad_files, skipped):
+    def __init__(
+        self, root, split, resolution, files, labels, classes, bad_files, skipped, identity=""
+    ):
         self.name, self.split, self.resolution = "imagefolder", split, resolution
         self.source, self.root = str(root), Path(root)
         self._rel = np.array([str(Path(p).relative_to(root)).encode() for p in files], dtype=bytes)
@@ -172,6 +206,7 @@ class ImageFolderDataset(Dataset):
         self.classes, self.bad_files = classes, bad_files
         self.skipped = skipped  # [(path, reason)] found at construction or decode time
         self.key = f"imagefolder-{_hash(str(root)).hex()[:8]}-{split}-r{resolution}-n{len(files)}"
+        self._identity = identity
 
     @property
     def files(self) -> list[Path]:
@@ -187,12 +222,11 @@ class ImageFolderDataset(Dataset):
     def __len__(self) -> int:
         return len(self._rel)
 
-    def items_signature(self) -> str:
-        """sha1 of which files the split holds, in order, with their labels (no file is read or
-        stat'ed): an image added, removed, renamed or moved to another class changes it."""
-        h = hashlib.sha1(b"\0".join(self._rel.tolist()))
-        h.update(self.labels.tobytes())
-        return h.hexdigest()[:16]
+    def identity(self) -> str:
+        """What the split's images are (:func:`listing_identity` of the folder's listing when it
+        was opened): an image added, removed, renamed, moved to another class or rewritten in
+        place changes it. Token shards record it; their consumers compare it."""
+        return self._identity
 
     def content_signature(self, n: int) -> str:
         """sha1 of the path, size and mtime_ns of every file (keys the decomposition cache: an
@@ -336,4 +370,7 @@ def imagefolder(split, resolution, root, limit, bad_files, download, progress):
     files = [p for p, _ in good]
     index = {c: i for i, c in enumerate(classes)}
     labels = [index[c] for _, c in good]
-    return ImageFolderDataset(root, split, resolution, files, labels, classes, bad_files, bad)
+    identity = listing_identity(root, items)
+    return ImageFolderDataset(
+        root, split, resolution, files, labels, classes, bad_files, bad, identity
+    )

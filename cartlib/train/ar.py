@@ -8,6 +8,7 @@ several views per image (``data.views``), each step draws one view per item from
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
@@ -33,6 +34,11 @@ from cartlib.train.parallel import checkpoint_blocks, gradient_sync, shard_per_b
 from cartlib.train.sharded import is_sharded
 
 TOKENIZER_HASH = "tokenizer_hash.txt"  # in a transformer's folder: the tokenizer of its tokens
+# A transformer whose cross-entropy exceeds this many times ln V (a uniform guess over the V
+# codes; where a run starts) has diverged: training stops and nothing of it is saved. Measured
+# on the tests' transformer: a healthy run starts at 1.00 x ln V and falls; at lr 3e3 and 1e4
+# the second step's loss is 2.4e5 and 1.3e7 x ln V (before this check they finished, rc 0).
+LOSS_LIMIT = 4.0
 
 
 # ------------------------------------------------------------------------------- next-detail AR
@@ -243,8 +249,11 @@ def train_ar(
             acc.backward(loss / accumulation)
         return loss.detach(), per_loss, per_acc
 
+    last = {}  # the first micro-batch of the last step (checked under the updated weights)
+
     def step_fn(step: int) -> dict[str, float]:
         x, y = fetch(step)
+        last["batch"] = x[:micro], y[:micro]
         model.train()
         opt.zero_grad(set_to_none=True)
         parts = [
@@ -263,6 +272,18 @@ def train_ar(
             gnorm = gnorm.full_tensor()
         return step_logs(acc, loss, gnorm, per_loss, per_acc)
 
+    @torch.no_grad()
+    def after_update() -> dict[str, float]:
+        """The loss of the last step's first micro-batch under the updated weights (eval mode:
+        no dropout, nothing drawn from the RNG), averaged over the processes (collective)."""
+        x, y = last["batch"]
+        maps = [x[:, sched.step_slice(m)].view(-1, s.h, s.w) for m, s in enumerate(sched)]
+        model.eval()
+        with acc.autocast():
+            logits = model(y, tokenizer.quantizer.teacher_inputs(maps))
+        loss = ar_loss(logits, x, core.level_ids, sched.n_steps)[0].reshape(1)
+        return {"loss": float(acc.reduce(loss, "mean") if acc.num_processes > 1 else loss)}
+
     try:
         history = run_loop(
             accelerator=acc,
@@ -276,6 +297,8 @@ def train_ar(
             stop_after=stop_after,
             progress=progress,
             desc=f"next-detail AR d{a.depth}",
+            loss_limit=LOSS_LIMIT * math.log(tokenizer.quantizer.codebook_size),
+            after_update=after_update,
         )
     finally:
         prefetch.close()

@@ -315,13 +315,18 @@ def run_loop(
     progress: bool = True,
     desc: str = "train",
     keep: int = KEEP,
+    loss_limit: float | None = None,
+    after_update: Callable[[], dict[str, float]] | None = None,
 ) -> list[dict[str, float]]:
     """Run ``step_fn(step)`` for steps [resume point, total_steps); return the loss history
     (one entry per step, or per interval beyond :data:`MAX_HISTORY` steps).
 
     ``stop_after`` ends the loop early after that many steps (checkpointing first): used to
     simulate a kill in tests and to train in slices from a notebook. ``keep`` checkpoints are
-    kept."""
+    kept. A step whose ``loss`` is not finite or above ``loss_limit`` (a run that diverged) stops
+    the run, naming the last good checkpoint; ``after_update()`` (collective) gives the logs of
+    the last step's batch under the updated weights, checked the same way before a checkpoint
+    is written: the last update of a run is otherwise never seen by a loss."""
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / CKPT_NAME
     main = accelerator.is_main_process
@@ -346,6 +351,9 @@ def run_loop(
             if not bad and before is not None:
                 bad = exploded(before, weight_norms(cores))
                 what = f"exploded (the last update grew them over {MAX_GROWTH:g}-fold)"
+            if not bad and before is not None and after_update is not None:
+                bad = diverged(after_update())
+                what = "broken by the last update (the loss of its batch under them)"
             if bad:
                 last = f"the last good checkpoint is {path}" if path.exists() else (
                     "no checkpoint was written yet")  # fmt: skip
@@ -374,6 +382,17 @@ def run_loop(
             if sharded:
                 accelerator.wait_for_everyone()  # the manifest lists it before anyone goes on
 
+        def diverged(logs: dict[str, float], step: int | None = None) -> str:
+            """Why ``logs`` (of ``step``) say the run broke (a non-finite value, a loss above
+            the limit), or ""."""
+            at = "" if step is None else f" at step {step}"
+            bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
+            if bad:
+                return f"non-finite loss{at}: {bad}"
+            if loss_limit is not None and logs.get("loss", 0.0) > loss_limit:
+                return f"diverged{at}: loss {logs['loss']:.4g}, above the limit {loss_limit:.4g}"
+            return ""
+
         every = max(1, -(-total_steps // MAX_HISTORY))
         pending: list[dict[str, float]] = []
 
@@ -396,7 +415,7 @@ def run_loop(
             saving = (step + 1) % ckpt_every == 0 or step + 1 == end
             before = weight_norms(cores) if saving else None  # what this step's update does
             logs = step_fn(step)
-            bad = {k: v for k, v in logs.items() if not math.isfinite(v)}
+            bad = diverged(logs, step)
             if bad:
                 last = (
                     f"the last good checkpoint (step {start}) is {path}"
@@ -404,8 +423,8 @@ def run_loop(
                     else ("no checkpoint was written yet")
                 )
                 raise FloatingPointError(
-                    f"{desc}: non-finite loss at step {step}: {bad}; {last}. Lower the learning "
-                    "rate, set mixed_precision='no', or check the input data for NaNs"
+                    f"{desc}: {bad}; {last}. Lower the learning rate, set "
+                    "mixed_precision='no', or check the input data for NaNs"
                 )
             pending.append(logs)
             if (step + 1) % every == 0 or step + 1 == end:
