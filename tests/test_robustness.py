@@ -576,3 +576,61 @@ def test_float_images_are_read_as_their_values_and_nan_ones_are_refused(tmp_path
     ds = _array_dataset(images)
     ds[0], ds[1]
     assert torch.equal(images, before)
+
+
+@pytest.mark.parametrize("name", ["guidance", "temperature", "top_p"])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_nan_or_infinite_notebook_parameters_are_refused(name, value):
+    """Issue 37, silently wrong 6: ``-p guidance nan`` drew unguided samples with rc 0 (``t = ...
+    if cfg > 0 else 0``) and ``-p temperature nan`` died inside torch.multinomial."""
+    with pytest.raises(ConfigError, match=rf"{name}=.* must be a finite number"):
+        notebook_config("05_sampling", {name: value})
+
+
+def test_yaml_numbers_syntax_slips_and_links_in_config_files(tmp_path):
+    """Issue 37, finding 12 and crash 8: ``lr: 1e-4`` was the string "1e-4" (YAML 1.1) with no
+    hint, a syntax slip a scanner traceback naming no file, and save_config replaced a symlink
+    at its path instead of writing through it."""
+    from cartlib.config import load_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text("ar:\n  lr: 1e-4\n  warmup: 5\n")
+    assert load_config(path).ar.lr == 1e-4
+    path.write_text("ar: {lr: '1e-4'}\n")
+    with pytest.raises(ConfigError, match=r"run.yaml: ar.lr='1e-4' must be a number.*without q"):
+        load_config(path)
+    path.write_text("ar:\n  lr: [1e-4\n  warmup: 5\n")
+    with pytest.raises(ConfigError, match=r"run.yaml is not valid YAML at line \d+, column \d+"):
+        load_config(path)
+    target = tmp_path / "kept" / "config.yaml"
+    target.parent.mkdir()
+    link = tmp_path / "config.yaml"
+    link.symlink_to(target)
+    save_config(load_preset("smoke"), link)
+    assert link.is_symlink() and load_config(target).name == "smoke"
+
+
+def test_a_finished_run_on_read_only_storage_opens_and_writing_there_says_why(tmp_path):
+    """Issue 37, crash 7: every command and the notebooks' loader opened ``.lock`` for writing,
+    so a finished run on read-only storage could not even be loaded (OSError EROFS). Reading a
+    finished stage takes no lock; a stage that must write names the folder and the fix."""
+    import errno
+
+    from test_train import ar_setup
+
+    cfg, tok, tokens, labels = ar_setup(tmp_path, steps=2, ckpt_every=2)
+    train.train_ar(cfg, tmp_path, tok, tokens, labels, 8, progress=False)
+    real_open = os.open
+
+    def read_only(path, flags, *args):
+        if flags & (os.O_WRONLY | os.O_RDWR | os.O_CREAT):
+            raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+        return real_open(path, flags, *args)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(io.os, "open", read_only)
+        _, model = runs.ensure_ar(cfg, tmp_path, progress=False)  # the notebooks' loader
+        assert model is not None
+        message = r"cannot write in .*Read-only file system.*copy the run folder to writable"
+        with pytest.raises(io.ReadOnlyError, match=message), io.dir_lock(tmp_path / "s", "x"):
+            pass
