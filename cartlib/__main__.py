@@ -162,6 +162,9 @@ def main(argv: list[str] | None = None) -> int:
     except USER_ERRORS as e:
         print(f"cartlib {args.command}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
         return 1
+    except KeyboardInterrupt as e:  # Ctrl-C; training saved its step first (train.stopping)
+        print(f"cartlib {args.command}: {e or 'interrupted'}", file=sys.stderr, flush=True)
+        return 130
     launch.leave_process_group()
     return code
 

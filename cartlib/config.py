@@ -313,6 +313,8 @@ class RunConfig:
         d = self.to_dict()
         d["mixed_precision"] = self.precision  # auto keys as what it resolves to here
         d.update(FIXED_IN_KEYS)
+        for section, fixed in FIXED_IN_KEYS_OF.items():
+            d[section].update(fixed)
         for section, names in NOT_IN_KEYS_OF.items():
             for name in names:
                 d[section].pop(name)
@@ -386,6 +388,11 @@ NOT_IN_KEYS = ("name", "gpu_mem_gib")  # top-level settings that change no train
 # steps (each process draws its share of one global batch; checkpoints reshard), so a run moved
 # from 16 A100s to 8 H200s resumes where it was
 FIXED_IN_KEYS = {"num_processes": 1}
+# settings of a section that change no trained result either, hashed at one fixed value (the one
+# the shipped checkpoints were trained with, so their keys stand): how often a run saves. A save
+# draws nothing from the training's random streams (tests/test_train.py), so a run whose
+# ckpt_every is changed resumes where it was instead of starting again
+FIXED_IN_KEYS_OF = {"tokenizer": {"ckpt_every": 200}, "ar": {"ckpt_every": 200}}
 # settings of a section that change how fast, not what, a stage computes
 # what :meth:`RunConfig.stage_folder` names a folder: the stage, then the artifact key last
 STAGE_FOLDER = re.compile(r"(?P<stage>tokenizer|ar)-.+-(?P<key>[0-9a-f]{8})")

@@ -99,7 +99,13 @@ def resolve_run_dir(run_dir: str | os.PathLike, create: bool = True) -> Path:
             f"run_dir {path} is a file, not a folder: give a folder (created if missing)"
         )
     if create:
-        path.mkdir(parents=True, exist_ok=True)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(
+                f"run_dir {path} cannot be created ({e.strerror}): give a folder you can write, "
+                "e.g. one under your home or the project"
+            ) from None
     return path
 
 

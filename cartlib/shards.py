@@ -43,7 +43,7 @@ import numpy as np
 import torch
 
 from cartlib.data.augment import CENTRE_MIRROR_CROPS  # the rule of shards that do not say
-from cartlib.io import atomic_write_bytes, reserve, sha256_file
+from cartlib.io import atomic_write_bytes, disk_full_error, reserve, sha256_file
 
 SHARD_FORMAT = 1
 MANIFEST = "manifest.json"
@@ -248,8 +248,13 @@ class ShardWriter:
         os.replace(self._tmp, self.paths[0])
         _remember(self.paths[0], tokens)
         tmp = self.paths[1].with_name(f".{self.shard.name}.labels.npy.tmp")
-        with open(tmp, "wb") as f:
-            np.save(f, labels.astype(np.int32))
+        labels = labels.astype(np.int32)
+        try:
+            with open(tmp, "wb") as f:
+                np.save(f, labels)
+        except OSError as e:  # a full disk: named with the folder and the size, no temp file
+            tmp.unlink(missing_ok=True)
+            raise (disk_full_error(e, tmp, labels.nbytes + 128) or e) from e
         labels_sha = sha256_file(tmp)
         os.replace(tmp, self.paths[1])
         _remember(self.paths[1], labels_sha)

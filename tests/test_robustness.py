@@ -31,6 +31,7 @@ from cartlib import data, io, runs, train
 from cartlib.__main__ import main as cli
 from cartlib.config import (
     FIXED_IN_KEYS,
+    FIXED_IN_KEYS_OF,
     NOT_IN_KEYS,
     NOT_IN_KEYS_OF,
     SECTIONS,
@@ -90,7 +91,7 @@ SETTINGS = [
     (s, f.name)
     for s in TRAINED
     for f in dataclasses.fields(getattr(RunConfig(), s))
-    if f.name not in NOT_IN_KEYS_OF.get(s, ())
+    if f.name not in (*NOT_IN_KEYS_OF.get(s, ()), *FIXED_IN_KEYS_OF.get(s, ()))
 ] + [
     ("", f.name)
     for f in dataclasses.fields(RunConfig())
@@ -114,6 +115,8 @@ def test_sampling_and_speed_settings_leave_the_trained_models_keys_alone():
     assert other.artifact_key("ar") == cfg.artifact_key("ar")
     faster = cfg.updated(data={"workers": 4, "shard_size": 100})
     assert faster.artifact_key("ar") == cfg.artifact_key("ar")
+    saving = cfg.updated(tokenizer={"ckpt_every": 7}, ar={"ckpt_every": 11})  # issue 37, 11
+    assert saving.artifact_key("ar") == cfg.artifact_key("ar")
 
 
 # ----------------------------------------------------------------- 5. settings are range-checked

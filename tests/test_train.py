@@ -3,6 +3,7 @@ error, and a tiny transformer overfits a handful of token sequences."""
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -224,3 +225,70 @@ def test_an_update_that_breaks_the_weights_is_never_saved(tmp_path):
         run_loop(**kw)
     state, _ = train.load_latest(tmp_path)
     assert state["step"] == 2  # the good checkpoint stays the newest
+
+
+def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(tmp_path):
+    """Issue 37, crash 8: Ctrl-C left exit 130, a traceback from inside autograd and the steps
+    since the last checkpoint lost. Now the first SIGINT ends the running step, saves it and says
+    how to resume; the resumed run equals one that was never stopped."""
+    from cartlib.train.stopping import Interrupted
+
+    cfg, tok, tokens, labels = ar_setup(tmp_path / "a", steps=10, ckpt_every=100)
+    _, straight = train.train_ar(cfg, tmp_path / "a", tok, tokens, labels, 8, progress=False)
+    calls = []
+    original = train.ar.ar_loss
+
+    def loss_then_ctrl_c(*args):
+        calls.append(1)
+        if len(calls) == 4:  # inside step 3's forward/backward
+            os.kill(os.getpid(), signal.SIGINT)
+        return original(*args)
+
+    train.ar.ar_loss = loss_then_ctrl_c
+    try:
+        with pytest.raises(Interrupted, match=r"interrupted after step 4 of 10; saved .*resume"):
+            train.train_ar(cfg, tmp_path / "b", tok, tokens, labels, 8, progress=False)
+    finally:
+        train.ar.ar_loss = original
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+    folder = train.ar_dir(tmp_path / "b", cfg)
+    assert json.loads((folder / "checkpoints.json").read_text())["checkpoints"][0]["step"] == 4
+    _, resumed = train.train_ar(cfg, tmp_path / "b", tok, tokens, labels, 8, progress=False)
+    assert [h["step"] for h in resumed] == list(range(10))
+    for a, b in zip(resumed, straight):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-6, abs=1e-7)
+
+
+def test_checkpointing_draws_nothing_from_training_randomness(tmp_path):
+    """Issue 37, finding 11: ckpt_every was part of the artifact key because writing a
+    checkpoint was thought to change the trajectory; a save (with its weight checks) draws
+    nothing from the random streams, so runs saving at different steps end with the very same
+    weights (DropPath and label dropout on, so the RNG is used), and ckpt_every leaves the key:
+    a run whose interval changed resumes."""
+    finals = []
+    for every in (3, 5):
+        cfg, tok, tokens, labels = ar_setup(tmp_path / str(every), steps=10, ckpt_every=every)
+        cfg = cfg.updated(ar={"drop_path": 0.3, "cond_drop": 0.3})
+        model, _ = train.train_ar(
+            cfg, tmp_path / str(every), tok, tokens, labels, 8, progress=False
+        )
+        finals.append(torch.cat([p.detach().flatten() for p in model.parameters()]))
+    assert torch.equal(finals[0], finals[1])
+    assert train.ar_dir(tmp_path, cfg) == train.ar_dir(tmp_path, cfg.updated(ar={"ckpt_every": 9}))
+
+
+def test_each_run_says_whether_it_resumed_or_started_anew_and_why(tmp_path, capsys):
+    """Issue 37, finding 11: changing lr trained a new folder from step 0 without a word about
+    the partial run next to it; changing micro_batch resumed, also without a word."""
+    cfg, tok, tokens, labels = ar_setup(tmp_path, steps=6, ckpt_every=2)
+    go = lambda c: train.train_ar(c, tmp_path, tok, tokens, labels, 8, progress=False, stop_after=2)
+    go(cfg)
+    assert re.search(
+        r"AR d2: starting at step 0 of 6 in \S+ar-d2-\S+$", capsys.readouterr().out, re.M
+    )
+    go(cfg.updated(ar={"micro_batch": 4}))
+    assert re.search(r"resuming from step 2 of 6 in .*\(ar\.micro_batch: None -> 4\): the same",
+                     capsys.readouterr().out)  # fmt: skip
+    go(cfg.updated(ar={"lr": 1e-2}))
+    assert re.search(r"starting at step 0 of 6 .*not resumed: ar-d2-\S+ holds step 4 with other "
+                     r"settings \(ar\.lr: 0\.03 -> 0\.01\)", capsys.readouterr().out)  # fmt: skip

@@ -20,7 +20,7 @@ from cartlib.data.stream import Prefetch, StepSampler
 from cartlib.io import atomic_write_bytes, process_state
 from cartlib.model import build_model
 from cartlib.shards import TokenShards, tokenizer_hash
-from cartlib.train.checkpoints import clear_if_installed
+from cartlib.train.checkpoints import clear_if_installed, start_notes
 from cartlib.train.loop import (
     build_optimizer,
     load_stage,
@@ -188,6 +188,7 @@ def train_ar(
     if main:
         clear_if_installed(out_dir)
     check_tokenizer(out_dir, tokenizer)  # resuming on another tokenizer's tokens: refused
+    notes = start_notes(out_dir, cfg)  # before config.yaml is rewritten
     save_config(cfg.resolved(), out_dir / "config.yaml")  # the precision it trains in
     (out_dir / "num_classes.txt").write_text(str(num_classes))
     if main:  # atomic: the other processes may be reading it in check_tokenizer
@@ -299,6 +300,7 @@ def train_ar(
             desc=f"next-detail AR d{a.depth}",
             loss_limit=LOSS_LIMIT * math.log(tokenizer.quantizer.codebook_size),
             after_update=after_update,
+            notes=notes,
         )
     finally:
         prefetch.close()

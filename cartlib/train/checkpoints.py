@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from cartlib.config import NOT_IN_KEYS_OF, STAGE_FOLDER, load_config
 from cartlib.io import (
     atomic_symlink,
     atomic_torch_save,
@@ -135,6 +136,52 @@ def stage_state(folder: str | Path, steps: int) -> StageState:
     if step < steps:
         return StageState("resumable", step)
     return StageState("installed" if installed_from(folder) else "finished", step)
+
+
+def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
+    out = {}
+    for k, v in d.items():
+        out.update(_flat(v, f"{prefix}{k}.") if isinstance(v, dict) else {f"{prefix}{k}": v})
+    return out
+
+
+def _differences(old_path: Path, new: dict, speed: set[str], layout: bool, most=4) -> str:
+    """``a.b: x -> y`` for the settings (flattened) of the config file ``old_path`` that differ
+    from ``new``'s: those of ``speed`` (``layout``) or the others; at most ``most`` of them.
+    "" when the file cannot be read."""
+    try:
+        old = _flat(load_config(old_path).to_dict())
+    except (OSError, ValueError):
+        return ""
+    new = _flat(new)
+    diff = [f"{k}: {old.get(k)} -> {new.get(k)}" for k in sorted(new)
+            if old.get(k) != new.get(k) and (k in speed) == layout]  # fmt: skip
+    return ", ".join(diff[:most]) + (f" (+{len(diff) - most} more)" if len(diff) > most else "")
+
+
+def start_notes(folder: str | Path, cfg) -> dict[str, str]:
+    """What a run training into the stage folder ``folder`` with ``cfg`` says beside "resuming"
+    or "starting" (:func:`cartlib.train.loop.run_loop`); call it before the folder's config.yaml
+    is rewritten. ``layout``: the settings that change how, not what, it computes and differ from
+    the run it resumes (e.g. ``ar.micro_batch: 8 -> 4``); ``others``: the other folders of this
+    stage in the run directory that hold a run, with the settings they differ in — the partial
+    run a changed ``lr`` or ``steps`` left next to a new folder."""
+    folder, notes = Path(folder), {}
+    new = cfg.resolved().to_dict()
+    speed = {f"{s}.{n}" for s, names in NOT_IN_KEYS_OF.items() for n in names}
+    if (folder / "config.yaml").is_file():
+        notes["layout"] = _differences(folder / "config.yaml", new, speed, layout=True)
+    named = STAGE_FOLDER.fullmatch(folder.name)
+    others = []
+    for other in sorted(folder.parent.glob(f"{named['stage']}-*")) if named else []:
+        entries = read_manifest(other) if other != folder and other.is_dir() else None
+        if not entries or not (other / "config.yaml").is_file():
+            continue
+        diff = _differences(other / "config.yaml", new, speed, layout=False)
+        others.append(f"{other.name} holds step {entries[0]['step']} with other settings ({diff})")
+    if others:
+        notes["others"] = "; ".join(others[:3])
+    return notes
 
 
 def _size_ok(path: Path, size: int) -> bool:

@@ -57,6 +57,7 @@ from cartlib.train.sharded import (
     save_shards,
     whole_state_dicts,
 )
+from cartlib.train.stopping import Interrupted, deferred_interrupt
 
 
 # ------------------------------------------------------------------------------------- accelerate
@@ -317,6 +318,7 @@ def run_loop(
     keep: int = KEEP,
     loss_limit: float | None = None,
     after_update: Callable[[], dict[str, float]] | None = None,
+    notes: dict[str, str] | None = None,
 ) -> list[dict[str, float]]:
     """Run ``step_fn(step)`` for steps [resume point, total_steps); return the loss history
     (one entry per step, or per interval beyond :data:`MAX_HISTORY` steps).
@@ -326,7 +328,9 @@ def run_loop(
     kept. A step whose ``loss`` is not finite or above ``loss_limit`` (a run that diverged) stops
     the run, naming the last good checkpoint; ``after_update()`` (collective) gives the logs of
     the last step's batch under the updated weights, checked the same way before a checkpoint
-    is written: the last update of a run is otherwise never seen by a loss."""
+    is written: the last update of a run is otherwise never seen by a loss. The main process
+    says in one line whether it resumed (from which step) or starts anew, with ``notes``
+    (:func:`cartlib.train.checkpoints.start_notes`)."""
     ckpt_dir = Path(ckpt_dir)
     path = ckpt_dir / CKPT_NAME
     main = accelerator.is_main_process
@@ -336,12 +340,16 @@ def run_loop(
         accelerator.wait_for_everyone()  # the others resume once the main process holds the lock
         start, history = _resume(ckpt_dir, accelerator, cores, optimizers, schedulers)
         end = total_steps if stop_after is None else min(total_steps, start + stop_after)
+        if main and start < total_steps:
+            print(_start_line(desc, ckpt_dir, start, total_steps, notes or {}), flush=True)
         # nothing to train and nothing saved (steps: 0): one checkpoint all the same. Decided
         # before the loop, as every process must agree (saving is collective) and the main
         # process's last save may be on disk before another process looks
         save_empty = end == start and not path.exists()
 
-        def save(step: int, before: dict[str, float] | None = None) -> None:
+        def save(
+            step: int, before: dict[str, float] | None = None, last_update: bool = False
+        ) -> None:
             """The checkpoint of ``step``: one file from the main process, plus every rank's
             shards under FSDP (then whole weights in the file only at this run's last save).
             The weights are checked first (collectives): finite, and, given the norms
@@ -351,7 +359,7 @@ def run_loop(
             if not bad and before is not None:
                 bad = exploded(before, weight_norms(cores))
                 what = f"exploded (the last update grew them over {MAX_GROWTH:g}-fold)"
-            if not bad and before is not None and after_update is not None:
+            if not bad and (before is not None or last_update) and after_update is not None:
                 bad = diverged(after_update())
                 what = "broken by the last update (the loss of its batch under them)"
             if bad:
@@ -411,35 +419,56 @@ def run_loop(
             total=total_steps,
             mininterval=1.0,  # a notebook widget update is an iopub message: keep them few (nbval)
         )
-        for step in bar:
-            saving = (step + 1) % ckpt_every == 0 or step + 1 == end
-            before = weight_norms(cores) if saving else None  # what this step's update does
-            logs = step_fn(step)
-            bad = diverged(logs, step)
-            if bad:
-                last = (
-                    f"the last good checkpoint (step {start}) is {path}"
-                    if path.exists()
-                    else ("no checkpoint was written yet")
+        with deferred_interrupt(enabled=rank_world()[1] == 1) as stop:
+            for step in bar:
+                saving = (step + 1) % ckpt_every == 0 or step + 1 == end
+                before = weight_norms(cores) if saving else None  # what this step's update does
+                logs = step_fn(step)
+                bad = diverged(logs, step)
+                if bad:
+                    last = (
+                        f"the last good checkpoint (step {start}) is {path}"
+                        if path.exists()
+                        else ("no checkpoint was written yet")
+                    )
+                    raise FloatingPointError(
+                        f"{desc}: {bad}; {last}. Lower the learning rate, set "
+                        "mixed_precision='no', or check the input data for NaNs"
+                    )
+                pending.append(logs)
+                if (step + 1) % every == 0 or step + 1 == end:
+                    flush(step)
+                bar.set_postfix(
+                    {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "rec", "acc")},
+                    refresh=False,
                 )
-                raise FloatingPointError(
-                    f"{desc}: {bad}; {last}. Lower the learning rate, set "
-                    "mixed_precision='no', or check the input data for NaNs"
-                )
-            pending.append(logs)
-            if (step + 1) % every == 0 or step + 1 == end:
-                flush(step)
-            bar.set_postfix(
-                {k: f"{v:.4g}" for k, v in logs.items() if k in ("loss", "rec", "acc")},
-                refresh=False,
-            )
-            if saving:
-                flush(step)  # the checkpoint's history covers every step before it
-                save(step + 1, before)
-                start = step + 1
+                if saving:
+                    flush(step)  # the checkpoint's history covers every step before it
+                    save(step + 1, before)
+                    start = step + 1
+                if stop.requested:  # Ctrl-C during the step: it is finished; keep it
+                    if start != step + 1:
+                        flush(step)
+                        save(step + 1, last_update=True)
+                    raise Interrupted(
+                        f"{desc}: interrupted after step {step + 1} of {total_steps}; saved "
+                        f"{ckpt_dir / CKPT_NAME}. Run the same command (or cell) again to resume "
+                        "from there"
+                    )
         if save_empty:
             save(end)
     return history
+
+
+def _start_line(desc: str, folder: Path, start: int, total: int, notes: dict[str, str]) -> str:
+    """ "resuming ... from step s" or "starting ... at step 0", and why (see :func:`run_loop`)."""
+    if start:
+        layout = notes.get("layout")
+        why = f"; laid out otherwise than before ({layout}): the same steps" if layout else ""
+        return f"{desc}: resuming from step {start} of {total} in {folder}{why}"
+    others = notes.get("others")
+    why = f"; not resumed: {others}" if others else ""
+    return f"{desc}: starting at step 0 of {total} in {folder}{why}"
 
 
 # Parameters VAR exempts from weight decay by name (train.py's ``nowd_keys``): position, start

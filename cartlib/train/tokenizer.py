@@ -25,7 +25,7 @@ from cartlib.perceptual import lpips_model
 from cartlib.tokenizer import Tokenizer
 from cartlib.tokenizer.losses import CompoundLoss
 from cartlib.tokenizer.var_layout import load_var_state_dict
-from cartlib.train.checkpoints import clear_if_installed, save_checkpoint
+from cartlib.train.checkpoints import clear_if_installed, save_checkpoint, start_notes
 from cartlib.train.loop import (
     build_optimizer,
     load_stage,
@@ -97,6 +97,7 @@ def train_tokenizer(
     out_dir.mkdir(parents=True, exist_ok=True)
     if process_state().is_main_process:
         clear_if_installed(out_dir)
+    notes = start_notes(out_dir, cfg)  # before config.yaml is rewritten
     save_config(cfg.resolved(), out_dir / "config.yaml")  # the precision it trains in
     torch.manual_seed(t.seed)
     acc = make_accelerator(cfg.precision)
@@ -200,6 +201,7 @@ def train_tokenizer(
             stop_after=stop_after,
             progress=progress,
             desc=f"tokenizer ({t.quantizer})",
+            notes=notes,
         )
     finally:
         if data is None:
