@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 
 from cartlib import hardware, launch, runs, shipped, stages, train
 from cartlib.config import load_config, load_preset, save_config
@@ -130,8 +131,19 @@ def _stage(args) -> int:
     return 0
 
 
+def _from_here(args: argparse.Namespace) -> argparse.Namespace:
+    """Paths given on the command line are relative to the current folder, as every command's
+    are (``--run-dir run`` from ``~/exp`` is ``~/exp/run``; cartlib's own rule, relative to the
+    project, is for the notebooks' ``run_dir`` parameter)."""
+    for name in ("run_dir", "config", "vae", "var", "root"):
+        value = getattr(args, name, None)
+        if isinstance(value, str) and value:
+            setattr(args, name, str(Path(value).expanduser().absolute()))
+    return args
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = _from_here(_parser().parse_args(argv))
     if args.command == "check-data":
         return check_dataset(args.name)
     if args.command == "run-series":

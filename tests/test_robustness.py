@@ -637,3 +637,56 @@ def test_a_finished_run_on_read_only_storage_opens_and_writing_there_says_why(tm
         message = r"cannot write in .*Read-only file system.*copy the run folder to writable"
         with pytest.raises(io.ReadOnlyError, match=message), io.dir_lock(tmp_path / "s", "x"):
             pass
+
+
+def test_huge_images_are_refused_by_pixel_count_naming_the_setting(tmp_path, monkeypatch):
+    """Issue 37, finding 12: a 12000^2 PNG (420 KB, under PIL's bomb limit) took 2.3 GB of RAM
+    to decode (2.2 GB peak measured); a JPEG is decoded at reduced size first and passes."""
+    folder = tmp_path / "train" / "c"
+    folder.mkdir(parents=True)
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / "big.png")
+    Image.new("RGB", (64, 64), (200, 10, 10)).save(folder / "big.jpg", quality=90)
+    monkeypatch.setenv("CART_MAX_IMAGE_PIXELS", "1000")
+    ds = load_dataset("imagefolder", root=str(tmp_path), resolution=8, split="train")
+    by_name = {p.name: i for i, p in enumerate(ds.files)}
+    with pytest.raises(BadFileError, match=r"big.png.*64 x 64.*raise \$CART_MAX_IMAGE_PIXELS"):
+        ds[by_name["big.png"]]
+    assert ds[by_name["big.jpg"]][0].shape == (3, 8, 8)  # an 8x8-ish JPEG draft: 64-1000 px
+
+
+def test_cli_paths_are_relative_to_the_current_folder(tmp_path, monkeypatch, capsys):
+    """Issue 37, finding 10: ``--run-dir run`` resolved against the project checkout (while
+    ``--config`` resolved against the current folder): from another folder it wrote into the
+    checkout. An uncreatable ``run_dir`` (``/proc/x``) is named, not a raw FileNotFoundError."""
+    save_config(load_preset("smoke"), tmp_path / "smoke.yaml")
+    monkeypatch.chdir(tmp_path)
+    assert cli(["sample", "--config", "smoke.yaml", "--run-dir", "rel", "--per-class", "1"]) == 1
+    assert "no finished tokenizer" in capsys.readouterr().err
+    assert list((tmp_path / "rel").glob("tokenizer-*/config.yaml"))  # the command's --config
+    assert not (io.project_root() / "rel").exists()
+    with pytest.raises(ValueError, match=r"run_dir /proc/x/y cannot be created"):
+        io.resolve_run_dir("/proc/x/y")
+
+
+def test_a_full_disk_while_writing_shard_labels_is_named_and_leaves_no_temp_file(
+    tmp_path, monkeypatch
+):
+    """Issue 37, crash 8: a raw ``OSError: [Errno 28]`` from shards.py, no folder or size
+    named, and a 0-byte ``.tmp`` left behind."""
+    import errno
+
+    import numpy as np
+
+    from cartlib import shards
+
+    meta = {"views": 1, "seq_len": 3, "tokenizer": "t"}
+    writer = shards.ShardWriter(tmp_path, shards.Shard(0, 0, 2), meta)
+    writer.write(0, np.zeros((2, 3), np.uint16))
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(shards.np, "save", full)
+    with pytest.raises(io.DiskFullError, match=rf"no space left on {tmp_path}, .* GB needed"):
+        writer.finish(np.zeros(2, np.int32))
+    assert not list(tmp_path.glob(".*labels*.tmp"))

@@ -56,8 +56,27 @@ def read_image(
     short = mid_size(resolution, mid_ratio)
     with Image.open(path) as im:
         im.draft("RGB", (short, short))  # JPEG: DCT downscale, both sides stay >= short
+        _check_pixels(im)
         im = to_rgb(ImageOps.exif_transpose(im))
     return crop_pil(im, resolution, mid_ratio, req or centre(0))
+
+
+# Images decoded at more pixels than this are refused (after a JPEG's reduced-size decode, so a
+# large JPEG passes): a 12000 x 12000 PNG (420 KB on disk, under PIL's bomb limit) took 2.3 GB to
+# decode, and a folder of them with several loader workers runs out of memory.
+MAX_PIXELS_ENV = "CART_MAX_IMAGE_PIXELS"
+MAX_PIXELS = 40_000_000
+
+
+def _check_pixels(im: Image.Image) -> None:
+    limit = int(float(os.environ.get(MAX_PIXELS_ENV, MAX_PIXELS)))
+    w, h = im.size
+    if w * h > limit:
+        raise ValueError(
+            f"it is {w} x {h} = {w * h / 1e6:.0f} MP, more than the {limit / 1e6:.0f} MP cartlib "
+            f"decodes ({w * h * 16 / 1e9:.1f} GB or so to decode, per loader worker): resize it, "
+            f"or raise ${MAX_PIXELS_ENV}"
+        )
 
 
 def load_image(path: str | Path, resolution: int) -> torch.Tensor:
