@@ -609,3 +609,23 @@ def test_full_scale_sampling_is_launched_over_the_processes_and_matches_one(run,
     monkeypatch.delenv(FULL_SCALE_ON_CPU)  # now drawn here, by this process alone
     again = stages.sample_stage(cfg, base / "st", per_class=2, seed=5, batch=3)
     assert again == folder and files_of(again / "png") == launched
+
+
+def test_every_bad_shard_is_reencoded_by_one_command_and_the_good_ones_kept(run, tmp_path):
+    """Issue 37, finding 9: the advice for a bad shard was an `rm -f` of its files and a rerun,
+    one rerun per shard (thousands on ImageNet). Now one `extract-tokens --redo-bad` re-encodes
+    every shard that fails its checks and keeps the rest byte for byte."""
+    rundir = tmp_path / "run"
+    shutil.copytree(run["base"] / "ref", rundir, symlinks=True)
+    folder = train.tokenizer_dir(rundir, run["cfg"]) / "tokens-train"
+    good = files_of(folder)
+    for name in ("shard-00000.npy", "shard-00002.npy"):
+        blob = bytearray((folder / name).read_bytes())
+        blob[-3] ^= 0x01  # a bit flip inside the codebook's range
+        (folder / name).write_bytes(bytes(blob))
+    kept = {p: (folder / p).stat().st_mtime_ns for p in ("shard-00001.npy", "shard-00001.json")}
+    with pytest.raises(ShardError, match=r"(?s)shard-00000.*sha256.*extract-tokens.* --redo-bad$"):
+        stages.extract_shards(run["cfg"], rundir, run["tok"], progress=False)
+    stages.extract_shards(run["cfg"], rundir, run["tok"], progress=False, redo_bad=True)
+    assert files_of(folder) == good  # the same bytes as a clean extraction
+    assert {p: (folder / p).stat().st_mtime_ns for p in kept} == kept  # untouched
