@@ -5,10 +5,11 @@ gradient accumulation, 0 none; PRECISION no (default) or bf16, the latter with s
 on so that each rank's RNG matters), checkpointing every step. Used by tests/test_fsdp.py under
 ``accelerate launch`` with 2 CPU processes.
 
-It also records, per run, the dtypes that matter at scale: the logits reaching the loss, the loss
-itself, the gradients as computed and the dtype FSDP reduce-scatters them in (by wrapping torch's
-``foreach_reduce``, the call every FSDP2 gradient reduction goes through), how many distinct
-RNG states the ranks end with, and the process group's collective timeout.
+It also records, per run, the dtypes that matter at scale: the residual stream (each block's
+output), the logits reaching the loss, the loss itself, the gradients as computed and the dtype
+FSDP reduce-scatters them in (by wrapping torch's ``foreach_reduce``, the call every FSDP2
+gradient reduction goes through), how many distinct RNG states the ranks end with, and the
+process group's collective timeout.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from torch.distributed.fsdp._fully_shard import _fsdp_param_group
 
 import cartlib.train.ar as ar_mod
 from cartlib.launch import leave_process_group
+from cartlib.model.transformer import Block
 from cartlib.train import train_ar
 
 SEEN: dict[str, set[str]] = {}
@@ -53,6 +55,25 @@ def _wrap_dtypes() -> None:
     _fsdp_param_group.foreach_reduce = foreach_reduce
 
 
+def record_residual(model) -> None:
+    """The dtype of the residual stream: each block's output (a forward hook)."""
+    for m in model.modules():
+        if isinstance(m, Block):
+            m.register_forward_hook(lambda mod, args, out: _record("residual", out.dtype))
+
+
+build_model = ar_mod.build_model
+
+
+def _hooked(build):
+    def build_and_hook(*args, **kwargs):
+        model = build(*args, **kwargs)
+        record_residual(model)
+        return model
+
+    return build_and_hook
+
+
 def main(out: str, *runs: str) -> None:
     _wrap_dtypes()
     results = {}
@@ -63,6 +84,7 @@ def main(out: str, *runs: str) -> None:
         cfg, tok, tokens, labels = setup(micro, fsdp=True, ckpt_every=1, **extra)
         cfg = cfg.updated(mixed_precision=precision)
         SEEN.clear()
+        ar_mod.build_model = _hooked(build_model)
         model, history = train_ar(
             cfg, run_dir, tok, tokens, labels, 10, progress=False, stop_after=int(stop) or None
         )

@@ -43,17 +43,23 @@ def checkpoint_blocks(model: nn.Module) -> nn.Module:
     return model
 
 
-def sharding_policy(mixed_precision: str) -> MixedPrecisionPolicy:
-    """FSDP2's mixed precision for ``mixed_precision`` (no | bf16): parameters gathered in that
-    dtype for compute, gradients reduce-scattered in fp32, output left as computed."""
+def sharding_policy(mixed_precision: str, root: bool = False) -> MixedPrecisionPolicy:
+    """FSDP2's mixed precision for ``mixed_precision`` (no | bf16). A block's parameters are
+    gathered in that dtype for compute and its input is left as it comes (the residual stream
+    stays fp32, as under DDP with autocast); the root's (embeddings, head) are gathered in fp32;
+    every gradient is reduce-scattered in fp32. Under autocast both layouts then compute the
+    same dtypes where it matters — the residual stream fp32, the logits bf16 (then fp32 in the
+    loss), the loss fp32 — so CART's FSDP arm and VAR's DDP arm of Table 1 are not confounded by
+    their layouts (tests/test_fsdp.py)."""
     if mixed_precision == "fp16":
         raise ValueError(
             "ar.fsdp=True with mixed_precision='fp16': fp16 needs a gradient scaler that works "
             "on sharded gradients, which cartlib does not use; train in 'bf16' (A100, H100 and "
             "later GPUs) or 'no', or set ar.fsdp=False"
         )
+    half = None if root else HALF_DTYPES.get(mixed_precision)
     return MixedPrecisionPolicy(
-        param_dtype=HALF_DTYPES.get(mixed_precision), reduce_dtype=torch.float32
+        param_dtype=half, reduce_dtype=torch.float32, cast_forward_inputs=False
     )
 
 
@@ -61,11 +67,10 @@ def shard_per_block(model: nn.Module, mixed_precision: str = "no") -> nn.Module:
     """FSDP2 full sharding with one unit per block plus the root (embeddings and head), with
     :func:`sharding_policy`. Needs an initialised process group (gloo on CPUs, nccl on GPUs);
     the shards go to the process's device."""
-    policy = sharding_policy(mixed_precision)
     for module in list(model.modules()):
         if isinstance(module, Block):
-            fully_shard(module, mp_policy=policy)
-    fully_shard(model, mp_policy=policy)
+            fully_shard(module, mp_policy=sharding_policy(mixed_precision))
+    fully_shard(model, mp_policy=sharding_policy(mixed_precision, root=True))
     return model
 
 
