@@ -117,11 +117,11 @@ def _stage(args) -> int:
         with dir_lock(folder, "extract-tokens") if main else contextlib.nullcontext():
             stages.extract_shards(cfg, run_dir, tok, args.split, source, redo_bad=args.redo_bad)
     elif args.command == "train-ar":
-        plan = launch.plan_ar(cfg, args.run_dir, write=False)  # the cluster it was launched into
+        plan = runs.plan_ar(cfg, args.run_dir, write=False)  # the cluster it was launched into
         if plan.mode == "explain":  # e.g. a full-scale config on a machine without GPUs
             launch.explain(plan)
             return EXIT_NOT_TRAINED
-        runs.ensure_ar(cfg, args.run_dir)
+        runs.ensure_ar(plan.config, args.run_dir)  # with the plan's layout, as the notebook
     else:
         given = {k: getattr(args, k) for k in ("guidance", "cfg_schedule", "top_k", "top_p")}
         given["temperature"] = args.temperature

@@ -15,8 +15,10 @@ A notebook never forks CUDA work itself. :func:`plan_ar` looks at the config and
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
+import signal
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -252,10 +254,27 @@ def stream(args: list[str]) -> int:
     print(f"$ {shlex.join(args)}", flush=True)
     if args[:2] == ["accelerate", "launch"]:
         args = [sys.executable, "-m", "accelerate.commands.launch", *args[2:]]
-    proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    for line in proc.stdout:
-        sys.stdout.write(line)
-    return proc.wait()
+    proc = subprocess.Popen(
+        args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True
+    )
+    try:
+        for line in proc.stdout:
+            sys.stdout.write(line)
+        return proc.wait()
+    except BaseException:  # Ctrl-C, a papermill timeout: no rank is left holding the GPUs
+        stop_group(proc)
+        raise
+
+
+def stop_group(proc: subprocess.Popen, grace: float = 30.0) -> None:
+    """End the launcher ``proc`` and every process it started (its own session): SIGINT, as a
+    Ctrl-C would (a training process saves its step), then SIGKILL after ``grace`` seconds."""
+    for sig, wait in ((signal.SIGINT, grace), (signal.SIGKILL, 10.0)):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            proc.wait(wait)
+            return
 
 
 def explain(plan: Plan) -> None:

@@ -23,8 +23,8 @@ import contextlib
 import functools
 from pathlib import Path
 
+from cartlib import launch, stages, train
 from cartlib import shipped as shipped_stages
-from cartlib import stages, train
 from cartlib.io import (  # noqa: F401  (re-exported for notebooks)
     atomic_torch_save,
     cache_dir,
@@ -176,9 +176,13 @@ def ensure_ar(cfg, run_dir, progress: bool = True, shipped: bool | None = None):
 def _ensure_ar(cfg, run_dir, progress, shipped, tok_cfg, tok):
     folder = train.ar_dir(resolve_run_dir(run_dir), cfg)
     _use_shipped("ar", cfg, run_dir, folder, shipped, tok)
+    state = process_state()
     if installed_from(folder) is not None and trained_on(folder) != tokenizer_hash(tok):
-        # installed on a shipped tokenizer that was replaced since: trained anew below
-        clear_folder(folder, "its tokenizer is no longer the shipped one it was trained with")
+        # installed on a shipped tokenizer that was replaced since: trained anew below (one
+        # process empties it: on a shared disk the others would race it)
+        if state.is_main_process:
+            clear_folder(folder, "its tokenizer is no longer the shipped one it was trained with")
+        state.wait_for_everyone()
     if _finished(folder, cfg.ar.steps):
         repair_last(folder)
         with _resumed_if_damaged():
@@ -189,6 +193,21 @@ def _ensure_ar(cfg, run_dir, progress, shipped, tok_cfg, tok):
         cfg, resolve_run_dir(run_dir), tok, tokens, labels, num_classes, progress=progress
     )
     return tok, model
+
+
+def plan_ar(cfg, run_dir, cluster=None, write: bool = True):
+    """:func:`cartlib.launch.plan_ar`, with mode ``finished`` when the run directory already
+    holds the finished transformer (and its tokenizer) of ``cfg``: it opens here, on a login
+    node or a machine with fewer GPUs than the plan wants, instead of being launched again."""
+    plan = launch.plan_ar(cfg, run_dir, cluster, write)
+    tok_cfg = settle("tokenizer", cfg, run_dir)
+    tok_dir = train.tokenizer_dir(resolve_run_dir(run_dir), tok_cfg)
+    tok_done = stage_state(tok_dir, tok_cfg.tokenizer.steps)
+    ar_cfg = settle("ar", plan.config or cfg, run_dir)
+    ar_done = stage_state(train.ar_dir(resolve_run_dir(run_dir), ar_cfg), ar_cfg.ar.steps)
+    if tok_done.finished and ar_done.finished:
+        plan.mode, plan.problems = "finished", []
+    return plan
 
 
 def model_origin(cfg, run_dir, shipped: bool | None = None, tokenizer=None, stage="ar") -> str:

@@ -94,7 +94,8 @@ def main(out: str, *runs: str) -> None:
         dist.all_gather_object(streams, torch.get_rng_state())
         distinct = len({bytes(t.numpy()) for t in streams})
         results[run_dir] = {
-            "params": model.state_dict(), "loss": losses, "dtypes": dtypes, "streams": distinct
+            "params": model and model.state_dict(), "loss": losses, "dtypes": dtypes,
+            "streams": distinct,
         }  # fmt: skip
     backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
     timeout = backend.options._timeout.total_seconds()  # how long a collective may wait

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import shlex
 import subprocess
+from types import SimpleNamespace
 
 import pytest
 
@@ -108,3 +109,89 @@ def test_full_scale_plan_fits_the_gpus_and_writes_commands_for_every_machine(tmp
     assert "micro-batch" in text and "accumulation" in text and "machine 1:" in text
     small = plan_ar(cfg.updated(gpu_mem_gib=40.0), tmp_path)
     assert small.fit.fsdp or small.fit.checkpointing  # 40 GB GPUs need sharding/checkpointing
+
+
+def test_the_cli_trains_with_the_plans_layout_as_the_notebook_launches_it(tmp_path, monkeypatch):
+    """Issue 35, finding 1: ``train-ar --config <a cart-d30 config without a layout>`` computed
+    the plan and then trained the loaded config: 48 images per GPU under DDP, out of memory at
+    step 0 on a real cluster. Now the CLI trains ``plan.config``, the config the notebook writes
+    into launch-config.yaml."""
+    from cartlib import runs
+    from cartlib.__main__ import main
+    from cartlib.config import load_config, load_preset, save_config
+
+    env = {"WORLD_SIZE": "16", "LOCAL_WORLD_SIZE": "8", "GROUP_RANK": "0", "RANK": "0"}
+    for k, v in env.items():
+        monkeypatch.setenv(k, v)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 8)
+    data = tmp_path / "imagenet"
+    data.mkdir()
+    cfg = load_preset("cart-d30-256", num_processes=16, gpu_mem_gib=80, data={"root": str(data)})
+    assert cfg.ar.micro_batch is None and not cfg.ar.fsdp  # the preset states no layout
+    save_config(cfg, tmp_path / "run.yaml")
+    trained = []
+    monkeypatch.setattr(runs, "ensure_ar", lambda c, run_dir: trained.append(c))
+    monkeypatch.setattr(runs, "process_state", lambda: SimpleNamespace(is_main_process=True))
+    cli = ["train-ar", "--config", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path)]
+    assert main(cli) == 0
+    launched = runs.plan_ar(cfg, tmp_path / "nb", Cluster(16, 2, 0, "10.0.0.1")).config
+    save_config(launched, tmp_path / "launched.yaml")  # what the notebook's launch writes
+    assert trained == [load_config(tmp_path / "launched.yaml")]
+    assert trained[0].ar.micro_batch < 768 // 16  # the layout that fits, not 48 per GPU
+
+
+def test_a_finished_run_opens_where_the_plan_could_not_train_it(tmp_path, monkeypatch):
+    """Issue 35, finding 4: notebook 04 could not open a finished full-scale run on a login node
+    (NothingTrainedError) and, on one 8-GPU node with num_machines 2, launched it again and
+    waited for machine 1: the plan never asked whether the stage was finished."""
+    from test_train import ar_setup
+
+    from cartlib import runs, train
+
+    cfg, tok, tokens, labels = ar_setup(tmp_path, steps=2, ckpt_every=2)
+    full = cfg.updated(ar={"depth": 12, "width": 64}, num_processes=16)  # a cluster-sized plan
+    assert runs.plan_ar(full, tmp_path, Cluster(16, 2, 0, "10.0.0.1")).mode == "explain"
+    train.train_ar(full, tmp_path, tok, tokens, labels, 8, progress=False)
+    monkeypatch.setattr("torch.cuda.device_count", lambda: 8)  # one of the two 8-GPU nodes
+    for gpus in (0, 8):
+        monkeypatch.setattr("torch.cuda.device_count", lambda gpus=gpus: gpus)
+        plan = runs.plan_ar(full, tmp_path, Cluster(16, 2, 0, "10.0.0.1"))
+        assert plan.mode == "finished" and plan.problems == []
+
+
+def _gone(pid: int, seconds: float = 10.0) -> bool:
+    """Whether process ``pid`` ends (or is left a zombie) within ``seconds``."""
+    import time
+
+    for _ in range(int(seconds * 10)):
+        try:
+            with open(f"/proc/{pid}/status") as f:
+                if "zombie" in f.read():
+                    return True
+        except FileNotFoundError:
+            return True
+        time.sleep(0.1)
+    return False
+
+
+def test_a_stopped_launch_leaves_no_process_behind(monkeypatch):
+    """Issue 35, finding 9: Ctrl-C or a papermill timeout while ``launch.stream`` ran left the
+    launched ranks running (holding the GPUs). Now the launcher's whole session is stopped."""
+    import sys
+
+    from cartlib import launch
+
+    rank = (
+        "import subprocess, time; p = subprocess.Popen(['sleep', '60']); print(p.pid, flush=True)"
+    )
+    seen = []
+
+    def write(line):
+        if line.strip().isdigit():  # the run's first line (not the "$ command" echo)
+            seen.append(int(line))
+            raise KeyboardInterrupt  # a Ctrl-C while the run's output streams
+
+    monkeypatch.setattr(launch.sys.stdout, "write", write)
+    with pytest.raises(KeyboardInterrupt):
+        launch.stream([sys.executable, "-c", rank + "; time.sleep(60)"])
+    assert _gone(seen[0])  # the launched process's own child: stopped with it

@@ -8,6 +8,7 @@ several views per image (``data.views``), each step draws one view per item from
 
 from __future__ import annotations
 
+import copy
 import math
 from pathlib import Path
 
@@ -178,9 +179,9 @@ def train_ar(
     cosine (or VAR's ``lin0``) decay to ``lr_end``, optional cosine weight-decay schedule,
     gradient clipping, label dropout for classifier-free guidance.
 
-    With ``ar.fsdp`` the model is fully sharded per block: by accelerate's FSDP2 plugin on GPUs,
-    by torch's ``fully_shard`` over gloo on CPUs (accelerate shards on GPUs only); checkpoints
-    are then sharded and the returned model is the consolidated export, unsharded."""
+    With ``ar.fsdp`` the model is fully sharded per block (torch's ``fully_shard``, over nccl on
+    GPUs and gloo on CPUs); checkpoints are then sharded and the returned model is the
+    consolidated export, unsharded, on the main process (None on the others)."""
     a = cfg.ar
     out_dir = ar_dir(run_dir, cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -195,7 +196,9 @@ def train_ar(
         atomic_write_bytes(out_dir / TOKENIZER_HASH, tokenizer_hash(tokenizer).encode())
     torch.manual_seed(a.seed)  # every process builds the same initial weights (FSDP needs it)
     acc = make_accelerator(cfg.precision, fsdp=a.fsdp)
-    tokenizer = tokenizer.to(acc.device).eval().requires_grad_(False)
+    # teacher forcing needs only the quantizer's codebook and phi convs on the device, not the
+    # VQ-VAE's encoder and decoder (VAR's: 109M parameters); a copy: the caller's stays as it is
+    quantizer = copy.deepcopy(tokenizer.quantizer).to(acc.device).eval().requires_grad_(False)
     sched = tokenizer.schedule
     model = build_model(cfg, sched, num_classes)
     if acc.process_index:  # its own DropPath/dropout draws; rank 0 keeps the one-process stream
@@ -242,7 +245,7 @@ def train_ar(
         (each loss / accumulation) and synchronised across processes only on the last."""
         maps = [x[:, sched.step_slice(m)].view(-1, s.h, s.w) for m, s in enumerate(sched)]
         with torch.no_grad():
-            inputs = tokenizer.quantizer.teacher_inputs(maps)
+            inputs = quantizer.teacher_inputs(maps)
         with gradient_sync(model, acc, sync):
             with acc.autocast():
                 logits = model(y, inputs)
@@ -281,7 +284,7 @@ def train_ar(
         maps = [x[:, sched.step_slice(m)].view(-1, s.h, s.w) for m, s in enumerate(sched)]
         model.eval()
         with acc.autocast():
-            logits = model(y, tokenizer.quantizer.teacher_inputs(maps))
+            logits = model(y, quantizer.teacher_inputs(maps))
         loss = ar_loss(logits, x, core.level_ids, sched.n_steps)[0].reshape(1)
         return {"loss": float(acc.reduce(loss, "mean") if acc.num_processes > 1 else loss)}
 
@@ -304,8 +307,10 @@ def train_ar(
         )
     finally:
         prefetch.close()
-    if is_sharded(core):  # the consolidated export that the last save wrote, as sampling loads it
-        return load_ar(out_dir, tokenizer).to(acc.device), history
+    if is_sharded(core):  # the consolidated export the last save wrote, as sampling loads it:
+        # read by the main process only (a d30 is 8 GB of host memory per process that reads it)
+        model = load_ar(out_dir, tokenizer).to(acc.device) if acc.is_main_process else None
+        return model, history
     return core.eval(), history
 
 

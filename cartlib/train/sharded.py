@@ -91,7 +91,10 @@ def save_shards(
     if world > 1:
         dist.barrier()
     dcp.save(_state(modules, optimizers), checkpoint_id=partial)  # fsyncs its files
-    files = sorted(p.name for p in partial.iterdir())
+    files = [sorted(p.name for p in partial.iterdir()) if rank == 0 else None]
+    if world > 1:  # rank 0's listing for all (a shared disk may list stale entries elsewhere)
+        dist.broadcast_object_list(files, src=0)
+    files = files[0]
     mine = {
         f: {"sha256": sha256_file(partial / f), "bytes": (partial / f).stat().st_size}
         for f in files[rank::world]
