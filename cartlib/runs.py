@@ -45,6 +45,7 @@ from cartlib.train.checkpoints import (
     clear_folder,
     clear_if_installed,
     installed_from,
+    needs_repair,
     repair_last,
     stage_state,
 )
@@ -109,6 +110,8 @@ def _read_finished(stage: str, cfg, run_dir, shipped: bool | None, tokenizer=Non
     steps = cfg.tokenizer.steps if stage == "tokenizer" else cfg.ar.steps
     state = stage_state(folder, steps)
     if not state.finished or (shipped is False and state.status == "installed"):
+        return None
+    if needs_repair(folder):  # a dangling last.pt: repaired under the lock
         return None
     if stage == "ar" and installed_from(folder) and trained_on(folder) != tokenizer_hash(tokenizer):
         return None  # installed on a shipped tokenizer replaced since: retrained under the lock

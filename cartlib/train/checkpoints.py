@@ -287,17 +287,25 @@ def load_latest(
     )
 
 
+def needs_repair(folder: str | Path) -> bool:
+    """Whether ``last.pt`` does not point at the newest checkpoint the manifest lists (which is
+    there): a dangling or hand-edited link, for :func:`repair_last`."""
+    folder = Path(folder)
+    entries = read_manifest(folder)
+    if not entries or not (folder / entries[0]["file"]).is_file():
+        return False
+    last = folder / CKPT_NAME
+    return not (last.is_symlink() and str(last.readlink()) == entries[0]["file"])
+
+
 def repair_last(folder: str | Path) -> bool:
     """Point ``last.pt`` at the newest checkpoint the manifest lists when it points elsewhere
     or nowhere (a dangling link: the file deleted or the link edited by hand); call holding the
     folder's lock, after that checkpoint verified. True when it was repaired (said on stdout)."""
     folder = Path(folder)
-    entries = read_manifest(folder)
-    if not entries or not (folder / entries[0]["file"]).is_file():
+    if not needs_repair(folder):
         return False
-    last, name = folder / CKPT_NAME, entries[0]["file"]
-    if last.is_symlink() and str(last.readlink()) == name:
-        return False
+    last, name = folder / CKPT_NAME, read_manifest(folder)[0]["file"]
     was = f"a link to {last.readlink()}" if last.is_symlink() else (
         "a file" if last.exists() else "missing")  # fmt: skip
     atomic_symlink(name, last)
