@@ -2,7 +2,7 @@
 next-detail transformer (``ar``). ``from cartlib import train`` gives all of them."""
 
 from cartlib.train.ar import ar_dir, ar_loss, extract_tokens, load_ar, token_rows, train_ar
-from cartlib.train.checkpoints import load_latest
+from cartlib.train.checkpoints import load_latest, read_history, stage_state
 from cartlib.train.loop import (
     CKPT_NAME,
     build_optimizer,
@@ -34,6 +34,8 @@ __all__ = [
     "load_latest",
     "load_stage",
     "load_tokenizer",
+    "read_history",
+    "stage_state",
     "lr_lambda",
     "make_accelerator",
     "rng_state",

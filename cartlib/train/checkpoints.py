@@ -45,6 +45,7 @@ from cartlib.io import (
 )
 
 CKPT_NAME = "last.pt"
+HISTORY = "history.json"  # the loss history as of the newest checkpoint (also inside it)
 MANIFEST = "checkpoints.json"
 KEEP = 2  # checkpoints kept: a corrupt newest one costs ckpt_every steps, not the stage
 INSTALLED = "shipped.json"  # in a stage folder installed from cartlib.shipped, not trained here
@@ -186,6 +187,17 @@ def start_notes(folder: str | Path, cfg) -> dict[str, str]:
 
 def _size_ok(path: Path, size: int) -> bool:
     return path.is_file() and path.stat().st_size == size
+
+
+def read_history(folder: str | Path) -> list[dict[str, float]]:
+    """The loss history of the stage folder ``folder`` (one entry per step, or per interval on
+    long runs: :data:`cartlib.train.loop.MAX_HISTORY`): ``history.json``, written with every
+    checkpoint, or the newest checkpoint's when a folder has none (nothing else is read)."""
+    path = Path(folder) / HISTORY
+    if path.is_file():
+        return json.loads(path.read_text())
+    found = load_latest(folder)
+    return found[0]["history"] if found is not None else []
 
 
 def save_checkpoint(

@@ -49,7 +49,14 @@ from cartlib.io import (  # noqa: F401 (load_checkpoint re-exported)
     dir_lock,
     load_checkpoint,
 )
-from cartlib.train.checkpoints import CKPT_NAME, KEEP, NotNewest, load_latest, save_checkpoint
+from cartlib.train.checkpoints import (
+    CKPT_NAME,
+    HISTORY,
+    KEEP,
+    NotNewest,
+    load_latest,
+    save_checkpoint,
+)
 from cartlib.train.sharded import (
     is_sharded,
     load_shards,
@@ -386,7 +393,7 @@ def run_loop(
                     state["rng_ranks"] = ranks
                 state.update(extra_state() if extra_state else {})
                 save_checkpoint(ckpt_dir, state, keep, shards)
-                atomic_write_bytes(ckpt_dir / "history.json", json.dumps(history).encode())
+                atomic_write_bytes(ckpt_dir / HISTORY, json.dumps(history).encode())
             if sharded:
                 accelerator.wait_for_everyone()  # the manifest lists it before anyone goes on
 
