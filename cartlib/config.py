@@ -159,6 +159,11 @@ class ARConfig:
     # per-process batch (batch_size / num_processes); smaller = gradient accumulation
     grad_ckpt: bool = False  # recompute each block's activations in backward
     fsdp: bool = False  # FSDP2 full sharding per block (accelerate on GPUs; gloo on 2+ CPU procs)
+    # How the transformer computes (cartlib.model.transformer; speed only, equal results):
+    attention: str = "auto"  # training attention: auto | sdpa (one call, boolean mask: the
+    # reference) | per_step (one call per step on its key prefix) | flex (block-sparse
+    # flex_attention); auto = per_step on CPU and CUDA
+    compile: str | bool = "auto"  # torch.compile of each block: auto (CUDA on, CPU off) | bool
 
     @property
     def drop_path_rate(self) -> float:
@@ -167,6 +172,16 @@ class ARConfig:
 
     def __post_init__(self) -> None:
         check_ranges(self)
+        if self.attention not in ("auto", "sdpa", "per_step", "flex"):
+            raise ConfigError(
+                f"ar.attention={self.attention!r} is unknown: choose one of 'auto', 'sdpa', "
+                "'per_step', 'flex' (the same results; auto picks the fastest for the device)"
+            )
+        if self.compile not in ("auto", True, False):
+            raise ConfigError(
+                f"ar.compile={self.compile!r} is unknown: choose 'auto' (on for CUDA, off on CPU), "
+                "true or false"
+            )
         if self.model_width % self.model_heads:
             raise ConfigError(
                 f"ar.heads={self.model_heads} does not divide the transformer width "
@@ -402,7 +417,7 @@ IN_KEYS_UNLESS_DEFAULT = {"tokenizer": {"init_from": None, "straight_through": N
 NOT_IN_KEYS_OF = {
     "data": ("workers", "shard_size"),
     "tokenizer": ("micro_batch",),
-    "ar": ("micro_batch", "grad_ckpt", "fsdp"),
+    "ar": ("micro_batch", "grad_ckpt", "fsdp", "attention", "compile"),
 }
 
 

@@ -32,6 +32,8 @@ def build_model(cfg, schedule, num_classes: int, device=None) -> NextDetailTrans
             init_adaln_gamma=a.init_adaln_gamma,
             init_head=a.init_head,
             init_residual_scale=a.init_residual_scale,
+            attention=a.attention,
+            compile=a.compile,
         )
 
 

@@ -10,10 +10,37 @@ It learns P(r_m | r_<m, class) (Eq. 9) and predicts all h_m x w_m tokens of a st
   embedding of its step.
 * Blocks: pre-norm attention and MLP, both modulated by the class through AdaLN (shift, scale,
   gate; gates zero-initialised so each block starts as the identity, as DiT's adaLN-Zero).
-* Attention: ``torch.nn.functional.scaled_dot_product_attention`` with the schedule's block-causal
-  mask; in sampling a KV cache holds earlier steps so nothing is recomputed. Setting
-  ``SelfAttention.store_attn = True`` makes a block keep its attention map (for notebook 07) —
-  the same module, computed explicitly instead of by SDPA.
+* Attention: block-causal (a token of step m sees the tokens of steps <= m); in sampling a KV
+  cache holds earlier steps so nothing is recomputed. Setting ``SelfAttention.store_attn = True``
+  makes a block keep its attention map (for notebook 07) — the same module, computed explicitly.
+
+Training attention has three paths, equal up to float rounding (``tests/test_attention_paths.py``:
+forward and gradients within 1e-5 in fp32), chosen by ``attention`` (``ARConfig.attention``):
+
+* ``sdpa``, the reference: one ``scaled_dot_product_attention`` call with the (L, L) boolean
+  mask. It computes all L^2 query-key pairs, of which the mask keeps 55.7 % for CART-256 (2066
+  tokens) and 61.9 % for VAR's 680; on CUDA the mask rules out the Flash kernel.
+* ``per_step``: one SDPA call per step, its queries against the dense key prefix of steps <= m,
+  without a mask (so Flash/cuDNN on CUDA): exactly the allowed pairs. The first, tiny steps
+  (fewer than ``PER_STEP_MIN_QUERIES`` queries together) share one call with their rows of the
+  mask, which saves calls that cost more than they compute.
+* ``flex``: ``torch.nn.attention.flex_attention`` with a ``BlockMask`` built once per device from
+  the schedule (block-sparse in 128 x 128 tiles); compiled on CUDA. torch 2.14 has no flex
+  backward on the CPU, and flex has no attention dropout: in those cases (and whenever attention
+  maps are recorded) the call runs the reference instead.
+
+``auto`` (:func:`attention_path`) is ``per_step`` on both the CPU (measured:
+``benchmarks/bench_ar.py``, docs/history.md 2026-12-07) and CUDA, where it is the expectation
+that exact pairs through Flash beat flex's 128-tile blocks and the masked kernels;
+``benchmarks/gpu_check.py``'s table must confirm it. Attention dropout and ``attn_l2_norm``'s
+scale act in every path as in the reference (dropout: the same rate on each probability, other
+random draws). Sampling (``forward_step``) attends densely to the cache and is the same in all.
+
+``compile`` (:func:`compile_on`): regional ``torch.compile`` of each block for the training
+forward, as torchtitan does; the blocks share one compiled graph (same code, parameters as
+inputs). ``auto`` = on CUDA, off on the CPU (measured slower to pay off there: see
+docs/history.md). Compiled stochastic depth and dropout draw from inductor's generator, not
+torch's: the same rates, other masks. Sampling runs the blocks eagerly.
 
 Width = 64 * depth and heads = depth by default (VAR's rule).
 
@@ -36,7 +63,9 @@ the smoke/tiny presets keep the plain model):
 
 from __future__ import annotations
 
+import functools
 import math
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -45,6 +74,85 @@ from torch import nn
 from cartlib.schedule import TokenSchedule
 
 MAX_LOG_SCALE = math.log(100.0)  # VAR's cap on the per-head scale of L2-normalised attention
+ATTENTION_PATHS = ("auto", "sdpa", "per_step", "flex")
+COMPILE_CHOICES = ("auto", True, False)
+PER_STEP_MIN_QUERIES = 64  # leading steps share one masked call until it has this many queries
+
+
+def attention_path(setting: str, device: torch.device | str) -> str:
+    """The training attention path of ``setting`` (one of :data:`ATTENTION_PATHS`) on
+    ``device``: ``auto`` -> ``per_step`` everywhere (see the module doc)."""
+    if setting not in ATTENTION_PATHS:
+        raise ValueError(
+            f"attention={setting!r} is unknown: choose one of {', '.join(ATTENTION_PATHS)}"
+        )
+    return "per_step" if setting == "auto" else setting
+
+
+def compile_on(setting: str | bool, device: torch.device | str) -> bool:
+    """Whether the blocks run compiled on ``device``: ``auto`` -> on CUDA only."""
+    if setting not in COMPILE_CHOICES:
+        raise ValueError(f"compile={setting!r} is unknown: choose 'auto', True or False")
+    return torch.device(device).type == "cuda" if setting == "auto" else setting
+
+
+@functools.cache
+def _compiled_flex():
+    from torch.nn.attention.flex_attention import flex_attention
+
+    return torch.compile(flex_attention, dynamic=False)
+
+
+def _flex(q, k, v, block_mask, scale: float) -> torch.Tensor:
+    """flex_attention: compiled on CUDA; eager on the CPU, where it only runs without gradients
+    and is a slow reference that materialises all L^2 scores (tests check the mask with it)."""
+    from torch.nn.attention.flex_attention import flex_attention
+
+    fn = _compiled_flex() if q.device.type == "cuda" else flex_attention
+    return fn(q, k, v, block_mask=block_mask, scale=scale)
+
+
+def _step_groups(offsets: tuple[int, ...], min_queries: int) -> list[tuple[int, int]]:
+    """(start, stop) query ranges of the per-step calls: one per step, except that leading
+    steps are merged until a call has ``min_queries`` queries."""
+    groups, start = [], 0
+    for stop in offsets[1:]:
+        if stop - start >= min_queries or stop == offsets[-1]:
+            groups.append((start, stop))
+            start = stop
+    return groups
+
+
+@dataclass(frozen=True, eq=False)
+class BlockCausal:
+    """The schedule's block-causal attention in the form a training path needs (module doc).
+
+    ``mask`` (L, L) bool is the reference. ``per_step``: ``groups`` (start, stop, rows) — queries
+    start:stop see keys :stop, through ``rows`` (their rows of the mask) or densely (None).
+    ``flex``: ``block_mask``, flex_attention's BlockMask of the same mask."""
+
+    path: str
+    mask: torch.Tensor
+    groups: tuple[tuple[int, int, torch.Tensor | None], ...] = ()
+    block_mask: object = None
+
+    @classmethod
+    def build(cls, schedule: TokenSchedule, path: str, device) -> BlockCausal:
+        mask = schedule.attn_mask(device)
+        if path == "per_step":
+            groups = []
+            for a, b in _step_groups(schedule.offsets, PER_STEP_MIN_QUERIES):
+                rows = mask[a:b, :b]
+                groups.append((a, b, None if bool(rows.all()) else rows.contiguous()))
+            return cls(path, mask, groups=tuple(groups))
+        if path == "flex":
+            from torch.nn.attention.flex_attention import create_block_mask
+
+            lv = schedule.level_ids().to(device)
+            L = schedule.seq_len
+            keep = lambda b, h, q, k: lv[q] >= lv[k]  # noqa: E731 — a query sees steps <= its own
+            return cls(path, mask, block_mask=create_block_mask(keep, None, None, L, L, device))
+        raise ValueError(f"BlockCausal has no path {path!r}; 'sdpa' uses the mask alone")
 
 
 class SelfAttention(nn.Module):
@@ -77,7 +185,12 @@ class SelfAttention(nn.Module):
         q = F.normalize(q, dim=-1) * self.scale_mul.clamp(max=MAX_LOG_SCALE).exp().to(q.dtype)
         return q, F.normalize(k, dim=-1), v, 1.0
 
-    def forward(self, x: torch.Tensor, mask: torch.Tensor | None, cache: dict | None = None):
+    def forward(
+        self, x: torch.Tensor, mask: torch.Tensor | BlockCausal | None, cache: dict | None = None
+    ) -> torch.Tensor:
+        """x (B, n, W) -> (B, n, W). ``mask``: the reference (L, L) bool mask, a
+        :class:`BlockCausal` (a faster path to the same result) or None (dense: a sampling step
+        against its ``cache``)."""
         b, n, c = x.shape
         q, k, v, scale = self.qkv_heads(x)
         if cache is not None:  # sampling: keys/values of earlier steps are kept, not recomputed
@@ -85,26 +198,41 @@ class SelfAttention(nn.Module):
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
+        p = self.dropout if self.training else 0.0
+        path = mask.path if isinstance(mask, BlockCausal) else "sdpa"
+        cpu_grad = q.device.type == "cpu" and q.requires_grad  # torch 2.14: no flex backward
+        if self.store_attn or (path == "flex" and (p > 0 or cpu_grad)):
+            path = "sdpa"  # what flex cannot do, and recorded maps: the reference
+        if path == "per_step":  # queries a:b against the key prefix :b, masked or dense
+            parts = [self.attend(q[:, :, a:b], k[:, :, :b], v[:, :, :b], rows, scale, p)
+                     for a, b, rows in mask.groups]  # fmt: skip
+            out = torch.cat(parts, dim=2)
+        elif path == "flex":  # under autocast SDPA casts q, k (fp32 after L2 norm) to v's dtype
+            out = _flex(q.to(v.dtype), k.to(v.dtype), v, mask.block_mask, scale)
+        else:
+            ref = mask.mask if isinstance(mask, BlockCausal) else mask
+            out = self.attend(q, k, v, ref, scale, p)
+        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+
+    def attend(self, q, k, v, mask: torch.Tensor | None, scale: float, p: float) -> torch.Tensor:
+        """Softmax attention of q (B, h, n, d) on k, v (B, h, m, d) where ``mask`` (n, m) allows
+        (None: everywhere), with dropout ``p`` on the probabilities -> (B, h, n, d)."""
         # On CPUs under bf16 autocast the explicit product is ~1.4x faster per training step than
         # the fused kernel (benchmarks/bench_ar.py); elsewhere SDPA (flash/memory-efficient).
         cpu_bf16 = q.device.type == "cpu" and q.dtype == torch.bfloat16
-        explicit = self.store_attn or (self.cpu_bf16_explicit and cpu_bf16)
-        if explicit:
-            scores = (q * scale) @ k.transpose(-2, -1)
-            if mask is not None:  # additive -inf bias: cheaper than masked_fill, same result
-                scores = scores + torch.zeros(
-                    mask.shape, dtype=scores.dtype, device=mask.device
-                ).masked_fill(~mask, float("-inf"))
-            attn = scores.softmax(-1)
-            if self.store_attn:
-                self.last_attn = attn.detach()
-            if self.training and self.dropout > 0:
-                attn = F.dropout(attn, self.dropout)
-            out = attn @ v
-        else:
-            p = self.dropout if self.training else 0.0
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
-        return self.proj(out.transpose(1, 2).reshape(b, n, c))
+        if not (self.store_attn or (self.cpu_bf16_explicit and cpu_bf16)):
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, scale=scale)
+        scores = (q * scale) @ k.transpose(-2, -1)
+        if mask is not None:  # additive -inf bias: cheaper than masked_fill, same result
+            scores = scores + torch.zeros(
+                mask.shape, dtype=scores.dtype, device=mask.device
+            ).masked_fill(~mask, float("-inf"))
+        attn = scores.softmax(-1)
+        if self.store_attn:
+            self.last_attn = attn.detach()
+        if p > 0:
+            attn = F.dropout(attn, p)
+        return attn @ v
 
 
 class DropPath(nn.Module):
@@ -183,8 +311,14 @@ class NextDetailTransformer(nn.Module):
         init_adaln_gamma: float = 0.0,
         init_head: float = 0.1,
         init_residual_scale: bool = False,
+        attention: str = "auto",
+        compile: str | bool = "auto",
     ):
         super().__init__()
+        attention_path(attention, "cpu"), compile_on(compile, "cpu")  # unknown values: refused
+        self.attention, self.compile_blocks = attention, compile
+        self._plans: dict[tuple[str, torch.device], BlockCausal] = {}  # per path and device
+        self._compiled: tuple[tuple[int, ...], list[nn.Module]] | None = None
         self.schedule, self.num_classes = schedule, num_classes
         self.depth = depth
         self.width = width = width or 64 * depth
@@ -251,9 +385,32 @@ class NextDetailTransformer(nn.Module):
         x = torch.cat([sos, self.word_embed(inputs)], dim=1)
         x = x + self.pos_emb + self.lvl_emb(self.level_ids)[None]
         bc = self.block_cond(cond)
-        for blk in self.blocks:
-            x = blk(x, bc, self.mask)
+        mask = self.block_causal(x.device)
+        for blk in self.training_blocks(x.device):
+            x = blk(x, bc, mask)
         return self.logits(x, cond)
+
+    def block_causal(self, device: torch.device) -> torch.Tensor | BlockCausal:
+        """The block-causal mask in the form of this model's attention path on ``device``: the
+        reference mask for ``sdpa``, else a :class:`BlockCausal` (built once per device)."""
+        path = attention_path(self.attention, device)
+        if path == "sdpa":
+            return self.mask
+        key = (path, torch.device(device))
+        if key not in self._plans:
+            self._plans[key] = BlockCausal.build(self.schedule, path, device)
+        return self._plans[key]
+
+    def training_blocks(self, device: torch.device) -> list[nn.Module]:
+        """The blocks the teacher-forced forward runs: ``torch.compile`` of each (regional, as
+        torchtitan; compiled on first use, again if the blocks were wrapped since) when
+        ``compile`` is on for ``device``, else the blocks themselves."""
+        if not compile_on(self.compile_blocks, device) or torch.compiler.is_compiling():
+            return list(self.blocks)
+        ids = tuple(id(b) for b in self.blocks)
+        if self._compiled is None or self._compiled[0] != ids:
+            self._compiled = ids, [torch.compile(b) for b in self.blocks]
+        return self._compiled[1]
 
     def logits(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         shift, scale = self.head_ada(cond)[:, None].chunk(2, dim=-1)
