@@ -26,7 +26,8 @@ from cartlib.model.transformer import (
 from cartlib.schedule import TokenSchedule
 
 V, C, CLASSES = 16, 4, 5
-TOL = 1e-5  # fp32: max abs difference of logits and of every parameter gradient
+TOL = 1e-5  # fp32: logits (of order 1) in absolute terms, gradients relative to each tensor's
+# largest entry (the summed loss below gives gradients of order 1e2-1e3)
 SCHEDULES = {
     "var-256": TokenSchedule.var((1, 2, 3, 4, 5, 6, 8, 10, 13, 16)),  # 680 tokens
     "cart-256": TokenSchedule.cart((1, 2, 3, 4, 6, 8, 12, 16), 3, 2),  # 2066 tokens
@@ -60,12 +61,13 @@ def logits_and_grads(model, labels, inputs, path):
     model.attention = path
     model.zero_grad()
     logits = model(labels, inputs)
-    logits.square().mean().backward()
+    logits.square().sum().backward()
     return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters()}
 
 
 def max_diff(a: dict, b: dict) -> float:
-    return max((a[n] - b[n]).abs().max().item() for n in a)
+    """The largest difference of gradients ``a`` and ``b``, relative to the tensor's scale."""
+    return max(((a[n] - b[n]).abs().max() / b[n].abs().max().clamp_min(1e-30)).item() for n in a)
 
 
 @pytest.mark.parametrize("l2_norm", [False, True], ids=["plain", "l2_norm"])
@@ -203,7 +205,8 @@ def test_settings_choose_per_device_are_checked_and_leave_artifact_keys_alone():
 @pytest.mark.slow
 def test_compiled_blocks_give_the_eager_loss_and_gradients():
     """Regional torch.compile (inductor, C++ on the CPU: ~25 s cold, a few with its cache):
-    loss within 1e-6 and gradients within 1e-5 of eager; all blocks share one graph."""
+    loss within 1e-6 (relative) and gradients within 1e-5 of eager; all blocks share one
+    graph."""
     from torch._dynamo.utils import counters
 
     sched = SCHEDULES["smoke"]
@@ -218,6 +221,6 @@ def test_compiled_blocks_give_the_eager_loss_and_gradients():
         loss = torch.nn.functional.cross_entropy(model(labels, inputs).transpose(1, 2), target)
         loss.backward()
         results[mode] = loss.item(), {n: p.grad.clone() for n, p in model.named_parameters()}
-    assert abs(results[True][0] - results[False][0]) <= 1e-6
+    assert abs(results[True][0] - results[False][0]) <= 1e-6 * abs(results[False][0])
     assert max_diff(results[True][1], results[False][1]) <= TOL
     assert counters["stats"]["unique_graphs"] == 1  # one graph for both blocks
