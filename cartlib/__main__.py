@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import sys
+import time
+import traceback
 from pathlib import Path
 
 from cartlib import hardware, launch, runs, shipped, stages, train
+from cartlib.cluster import Cluster
 from cartlib.config import load_config, load_preset, save_config
 from cartlib.data import BadFileError, DatasetUnavailableError, check_dataset
 from cartlib.data.stream import source_for
 from cartlib.data.synthetic import make_image_folder
 from cartlib.interop.var import install_var_run
 from cartlib.io import DiskFullError, LockTimeout, ReadOnlyError, dir_lock
+from cartlib.rehearse import Row, previous, rehearse
 from cartlib.series import run_series
 from cartlib.shards import ShardError
 from cartlib.train.probe import run_probe
@@ -53,6 +58,14 @@ def _parser() -> argparse.ArgumentParser:
         p = sub.add_parser(stage, help=f"{what}, from a config file (under accelerate launch)")
         p.add_argument("--config", required=True, help="a config.yaml written by cartlib")
         p.add_argument("--run-dir", required=True)
+        if stage == "train-ar":
+            p.add_argument(
+                "--stop-after",
+                type=int,
+                default=None,
+                help="train at most this many steps now, then checkpoint and exit 0 (the same "
+                "command resumes): slices for a scheduler's time limit",
+            )
         if stage == "extract-tokens":
             p.add_argument("--split", default="train", choices=("train", "test"))
             p.add_argument(
@@ -88,6 +101,18 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--var", required=True, help="var_d16.pth ... var_d30.pth")
     p.add_argument("--num-classes", type=int, default=1000)
     p = sub.add_parser(
+        "rehearse",
+        help="rehearse a full-scale launch here: the plan, then every stage in local processes "
+        "standing in for the machines, a killed rank, a resume (cartlib.rehearse)",
+    )
+    p.add_argument("--preset", required=True, help="cart-d30-256, var-d30-256, cart-d16-256, ...")
+    p.add_argument("--num_machines", "--num-machines", type=int, default=2)
+    p.add_argument("--gpus_per_machine", "--gpus-per-machine", type=int, default=8)
+    p.add_argument("--gpu_memory", "--gpu-memory", type=float, default=80, help="GB per GPU")
+    p.add_argument("--data-root", default=None, help="the ImageNet folder (else synthetic images)")
+    p.add_argument("--run-dir", default=None, help="default: papermill_runs/rehearse-<preset>")
+    p.add_argument("--quick", action="store_true", help="~2 minutes: fewer processes and steps")
+    p = sub.add_parser(
         "probe-device", help="exit 0 when a device runs every op cartlib trains and samples with"
     )
     p.add_argument("device", help="cpu, cuda or mps")
@@ -118,10 +143,12 @@ def _stage(args) -> int:
             stages.extract_shards(cfg, run_dir, tok, args.split, source, redo_bad=args.redo_bad)
     elif args.command == "train-ar":
         plan = runs.plan_ar(cfg, args.run_dir, write=False)  # the cluster it was launched into
-        if plan.mode == "explain":  # e.g. a full-scale config on a machine without GPUs
-            launch.explain(plan)
+        plan.problems = launch.agreed_problems(plan.problems)  # what any machine found
+        if plan.problems:  # e.g. a full-scale config on a machine without GPUs or data
+            if int(os.environ.get("LOCAL_RANK", "0")) == 0:  # once per machine
+                launch.explain(plan)
             return EXIT_NOT_TRAINED
-        runs.ensure_ar(plan.config, args.run_dir)  # with the plan's layout, as the notebook
+        runs.ensure_ar(plan.config, args.run_dir, stop_after=args.stop_after)  # the plan's layout
     else:
         given = {k: getattr(args, k) for k in ("guidance", "cfg_schedule", "top_k", "top_p")}
         given["temperature"] = args.temperature
@@ -166,6 +193,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.command == "import-var":
         return _import_var(args)
+    if args.command == "rehearse":
+        return _rehearse(args)
     if args.command == "synthetic-data":
         make_image_folder(args.root, args.images, args.val_images, args.classes, seed=args.seed)
         return 0
@@ -173,12 +202,51 @@ def main(argv: list[str] | None = None) -> int:
         code = _stage(args)
     except USER_ERRORS as e:
         print(f"cartlib {args.command}: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
-        return 1
+        return launch.fail_fast(1)
     except KeyboardInterrupt as e:  # Ctrl-C; training saved its step first (train.stopping)
         print(f"cartlib {args.command}: {e or 'interrupted'}", file=sys.stderr, flush=True)
-        return 130
+        return launch.fail_fast(130)
+    except BaseException:  # a traceback, then every other process must stop too
+        traceback.print_exc()
+        return launch.fail_fast(1)
     launch.leave_process_group()
     return code
+
+
+def _rehearse(args) -> int:
+    """``rehearse``: :func:`cartlib.rehearse.rehearse`, then notebook 04's closing cells on the
+    rehearsed run (papermill, ``-p rehearse``); the table; exit 0 when every step passed."""
+    import papermill as pm  # the notebook runner, imported where it runs
+
+    world = args.num_machines * args.gpus_per_machine
+    data = {"root": args.data_root} if args.data_root else {}
+    try:
+        cfg = load_preset(args.preset, num_processes=world, gpu_mem_gib=args.gpu_memory, data=data)
+        cluster = Cluster(world, args.num_machines, 0, "<address of machine 0>")
+    except ValueError as e:
+        print(f"cartlib rehearse: {type(e).__name__}: {e}", file=sys.stderr, flush=True)
+        return 1
+    run_dir = runs.resolve_run_dir(args.run_dir or f"papermill_runs/rehearse-{args.preset}")
+    mode = "quick" if args.quick else "full"
+    report = rehearse(cfg, cluster, run_dir, mode, args.data_root)
+    if report.ok:
+        t0, out = time.time(), report.run_dir / "04_train_ar.ipynb"
+        params = {"preset": args.preset, "num_processes": world, "gpu_mem_gib": args.gpu_memory,
+                  "num_machines": args.num_machines, "data_root": args.data_root,
+                  "rehearse": mode, "run_dir": str(run_dir), "progress": False}  # fmt: skip
+        try:
+            notebook = runs.project_root() / "notebooks" / "04_train_ar.ipynb"
+            pm.execute_notebook(
+                notebook, out, parameters=params, kernel_name="cartlib", progress_bar=False
+            )
+            row = Row("notebook 04", True, time.time() - t0, f"its closing cells ran: {out}")
+        except Exception as e:  # papermill's error names the cell
+            row = Row("notebook 04", False, time.time() - t0, str(e).strip().splitlines()[-1])
+        report = previous(cfg, cluster, run_dir, mode) or report  # as the notebook left it
+        report.rows.append(row)
+        report.save()
+    print(report.table(), flush=True)
+    return 0 if report.ok else 1
 
 
 def _import_var(args) -> int:

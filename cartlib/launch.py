@@ -31,6 +31,7 @@ from cartlib.config import RunConfig, save_config
 from cartlib.data import imagefolder_num_classes, load_dataset_from_config
 from cartlib.fit import (
     GIB,
+    HEADROOM,
     Fit,
     choose_fit,
     choose_tokenizer_fit,
@@ -130,6 +131,32 @@ def _layout(cfg: RunConfig, n_params: int, seq_len: int) -> tuple[Fit | None, st
     return fit, None
 
 
+def _stated_layout(cfg: RunConfig, n_params: int, seq_len: int) -> tuple[Fit, str | None]:
+    """The layout ``cfg`` states (``ar.micro_batch`` set: the plan's, written into the launch
+    config every rank reads, or one set by hand), its memory estimate, and a problem when it
+    does not split the batch or does not fit ``gpu_mem_gib``."""
+    a, world = cfg.ar, cfg.num_processes
+    local = max(1, a.batch_size // world)
+    micro = min(a.micro_batch, local)
+    peak = training_memory(
+        n_params, a.depth, a.model_width, seq_len, cfg.tokenizer.codebook_size, micro, world,
+        a.fsdp, a.grad_ckpt, _memory_precision(cfg), local // micro,
+    )["total"] / GIB  # fmt: skip
+    fit = Fit(micro, local // micro, a.fsdp, a.grad_ckpt, peak)
+    if a.batch_size % world or local % micro:
+        return fit, (
+            f"ar.micro_batch={a.micro_batch} does not split batch_size={a.batch_size} over "
+            f"{world} processes into whole micro-batches: set ar.micro_batch to null to let the "
+            "plan choose, or a divisor of the per-process batch"
+        )
+    if peak > HEADROOM * cfg.gpu_mem_gib:
+        return fit, (
+            f"the stated layout ({fit.describe()}) needs more than {HEADROOM:.0%} of "
+            f"gpu_mem_gib={cfg.gpu_mem_gib:g}: set ar.micro_batch to null to let the plan choose"
+        )
+    return fit, None
+
+
 def plan_tokenizer(cfg: RunConfig, world: int, say: bool = True) -> RunConfig:
     """``cfg`` with the tokenizer's micro-batch for ``world`` processes on GPUs of
     ``gpu_mem_gib``: at full scale, the largest that fits by :func:`cartlib.fit.tokenizer_memory`
@@ -188,12 +215,15 @@ def plan_ar(
     n_params = model.num_params()
     problems = []
     fit = None
-    if full_scale(cfg):
+    if full_scale(cfg) and cfg.ar.micro_batch is None:  # else the config states its layout
         fit, problem = _layout(cfg, n_params, schedule.seq_len)
         problems += [problem] if problem else []
         if fit is not None:
             layout = {"micro_batch": fit.micro_batch, "fsdp": fit.fsdp}
             cfg = cfg.updated(ar={**layout, "grad_ckpt": fit.checkpointing})
+    elif full_scale(cfg):  # a launch config (the plan's layout), or a layout set by hand
+        fit, problem = _stated_layout(cfg, n_params, schedule.seq_len)
+        problems += [problem] if problem else []
     local = max(1, cfg.ar.batch_size // cfg.num_processes)
     micro = min(cfg.ar.micro_batch or local, local)
     peak = training_memory(
@@ -283,7 +313,8 @@ def explain(plan: Plan) -> None:
     if len(plan.node_commands) > 1:
         where = "\n".join(f"  machine {r}: {c}" for r, c in enumerate(plan.node_commands))
         print(f"\nOn the machines that have it, one command each:\n{where}", flush=True)
-        print(f"or with SLURM: sbatch {plan.slurm_script}", flush=True)
+        if plan.slurm_script is not None:
+            print(f"or with SLURM: sbatch {plan.slurm_script}", flush=True)
     else:
         print(f"\nOn a machine that has it:\n  {plan.command}", flush=True)
 
@@ -296,6 +327,41 @@ def explain_and_stop(plan: Plan) -> None:
         f"nothing was trained ({len(plan.problems)} problem(s), printed above): "
         + "; ".join(plan.problems)
     )
+
+
+def agreed_problems(problems: list[str]) -> list[str]:
+    """Under a launcher: every process's planning problems, each named by its process and
+    machine, on every process (one collective), so that a problem one machine sees alone (its
+    data.root missing, too few GPUs) stops every process at once instead of leaving the others
+    waiting in the first collective of training until the timeout. Else ``problems``."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return problems
+    mine = (int(os.environ.get("GROUP_RANK", os.environ.get("NODE_RANK", "0"))), problems)
+    every: list = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    if not any(p for _, p in every):
+        return []
+    seen: dict[str, list[str]] = {}
+    for rank, (machine, found) in enumerate(every):
+        for p in found:
+            seen.setdefault(p, []).append(f"{rank} (machine {machine})")
+    return [f"{p} [process(es) {', '.join(who)}]" for p, who in seen.items()]
+
+
+def fail_fast(code: int) -> int:
+    """After an error in a launched process: end this process now with ``code`` (no barrier and
+    no teardown that waits for the others), so that the launcher stops this machine's other
+    processes and the other machines' collectives fail instead of waiting out the timeout.
+    Outside a launcher: ``code``, returned."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
 
 
 def leave_process_group() -> None:

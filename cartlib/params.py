@@ -222,8 +222,16 @@ class TrainARParams:  # 04_train_ar
     machine_rank: int = 0
     main_process_ip: str = ""
     main_process_port: int = 29500
+    rehearse: str = ""
     run_dir: str = "papermill_runs/smoke"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.rehearse not in ("", "quick", "full"):
+            raise ConfigError(
+                f"rehearse={self.rehearse!r}: choose 'quick' (~2 min), 'full' (~10-15 min) or "
+                "'' (no rehearsal)"
+            )
 
 
 @dataclass

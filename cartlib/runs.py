@@ -159,11 +159,14 @@ def _ensure_tokens(cfg, run_dir, tokenizer, split: str = "train", progress: bool
     return shards, shards.labels, shards.num_classes
 
 
-def ensure_ar(cfg, run_dir, progress: bool = True, shipped: bool | None = None):
+def ensure_ar(
+    cfg, run_dir, progress: bool = True, shipped: bool | None = None, stop_after: int | None = None
+):
     """(tokenizer, transformer) of ``cfg``: each loaded if finished (at any precision,
     :func:`settle`), else trained. ``shipped`` True: a stage the run directory lacks comes from
     :mod:`cartlib.shipped` when cartlib ships it (the transformer only on top of its own
-    tokenizer); False: installed ones are replaced by training (see :func:`_use_shipped`)."""
+    tokenizer); False: installed ones are replaced by training (see :func:`_use_shipped`).
+    ``stop_after``: train at most that many steps now (checkpointed; the next call resumes)."""
     tok_cfg = settle("tokenizer", cfg, run_dir, shipped)
     tok = _read_finished("tokenizer", tok_cfg, run_dir, shipped) or _ensure_tokenizer(
         tok_cfg, run_dir, progress, shipped
@@ -172,11 +175,11 @@ def ensure_ar(cfg, run_dir, progress: bool = True, shipped: bool | None = None):
     model = _read_finished("ar", ar_cfg, run_dir, shipped, tok)
     if model is not None:
         return tok, model
-    return _ensure_ar(ar_cfg, run_dir, progress, shipped, tok_cfg, tok)
+    return _ensure_ar(ar_cfg, run_dir, progress, shipped, tok_cfg, tok, stop_after)
 
 
 @stage_lock(train.ar_dir)
-def _ensure_ar(cfg, run_dir, progress, shipped, tok_cfg, tok):
+def _ensure_ar(cfg, run_dir, progress, shipped, tok_cfg, tok, stop_after=None):
     folder = train.ar_dir(resolve_run_dir(run_dir), cfg)
     _use_shipped("ar", cfg, run_dir, folder, shipped, tok)
     state = process_state()
@@ -193,7 +196,7 @@ def _ensure_ar(cfg, run_dir, progress, shipped, tok_cfg, tok):
     tokens, labels, num_classes = _ensure_tokens(tok_cfg, run_dir, tok, "train", progress)
     print(f"training the transformer into {folder} ({cfg.ar.steps} steps)")
     model, _ = train.train_ar(
-        cfg, resolve_run_dir(run_dir), tok, tokens, labels, num_classes, progress=progress
+        cfg, resolve_run_dir(run_dir), tok, tokens, labels, num_classes, progress, stop_after
     )
     return tok, model
 
