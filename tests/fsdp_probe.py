@@ -65,9 +65,13 @@ def record_residual(model) -> None:
 build_model = ar_mod.build_model
 
 
+BUILT: list[str] = []  # the devices this process built transformers on (host memory: "cpu")
+
+
 def _hooked(build):
     def build_and_hook(*args, **kwargs):
         model = build(*args, **kwargs)
+        BUILT.append(str(kwargs.get("device") or "cpu"))
         record_residual(model)
         return model
 
@@ -84,6 +88,7 @@ def main(out: str, *runs: str) -> None:
         cfg, tok, tokens, labels = setup(micro, fsdp=True, ckpt_every=1, **extra)
         cfg = cfg.updated(mixed_precision=precision)
         SEEN.clear()
+        BUILT.clear()
         ar_mod.build_model = _hooked(build_model)
         model, history = train_ar(
             cfg, run_dir, tok, tokens, labels, 10, progress=False, stop_after=int(stop) or None
@@ -93,9 +98,11 @@ def main(out: str, *runs: str) -> None:
         streams = [None] * dist.get_world_size()  # each rank's RNG: its own DropPath masks
         dist.all_gather_object(streams, torch.get_rng_state())
         distinct = len({bytes(t.numpy()) for t in streams})
+        built = [None] * dist.get_world_size()  # per rank: whole models in host memory, exports
+        dist.all_gather_object(built, (BUILT.count("cpu"), model is not None))
         results[run_dir] = {
             "params": model and model.state_dict(), "loss": losses, "dtypes": dtypes,
-            "streams": distinct,
+            "streams": distinct, "built": built,
         }  # fmt: skip
     backend = dist.distributed_c10d._get_default_group()._get_backend(torch.device("cpu"))
     timeout = backend.options._timeout.total_seconds()  # how long a collective may wait

@@ -89,6 +89,12 @@ def test_fsdp_run_stopped_and_resumed_matches_and_its_export_loads_without_a_pro
     bf_ref, bf_resumed = first["runs"][str(bf16)], second["runs"][str(bf16_stopped)]
     assert bf_resumed["loss"][2] == bf_ref["loss"][2]
     assert _max_diff(bf_resumed["params"], bf_ref["params"]) == 0.0
+    # host memory (issue 35, 8): one whole model per run, built by the main process and
+    # broadcast into the others' shards (every rank built one: 8 GB each at d30), and the
+    # consolidated export read back by the main process alone (every rank read it)
+    # per rank: (whole models built in host memory, the export read): rank 0 builds the initial
+    # model and the export it reads back; rank 1 neither (before: (2, True) on every rank)
+    assert ref["built"] == [(2, True), (0, False)]
     # gradient accumulation under FSDP2: reduce-scattered once, after the last micro-batch
     accumulated = _max_diff(first["runs"][str(micro)]["params"], ref["params"])
     print(f"FSDP with 2 micro-batches vs whole per-rank batch: max |diff| {accumulated:.3g}")

@@ -155,6 +155,14 @@ class BlockCausal:
         raise ValueError(f"BlockCausal has no path {path!r}; 'sdpa' uses the mask alone")
 
 
+def no_key_bias(width: int) -> torch.Tensor:
+    """The mask of the fused qkv bias that keeps the query and value thirds (VAR has no key
+    bias): (3 width,), 1 1 ... 0 0 ... 1 1."""
+    keep = torch.ones(3, width)
+    keep[1] = 0
+    return keep.flatten()
+
+
 class SelfAttention(nn.Module):
     cpu_bf16_explicit = True  # CPU under bf16 autocast: explicit product instead of SDPA
 
@@ -167,9 +175,7 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(width, width)
         if l2_norm:  # log of the per-head scale, initial 4 (VAR)
             self.scale_mul = nn.Parameter(torch.full((1, heads, 1, 1), 4.0).log())
-            keep = torch.ones(3, width)
-            keep[1] = 0  # no key bias
-            self.register_buffer("bias_keep", keep.flatten(), persistent=False)
+            self.register_buffer("bias_keep", no_key_bias(width), persistent=False)
         self.store_attn = False
         self.last_attn: torch.Tensor | None = None  # (B, heads, Lq, Lk) when store_attn
 
@@ -343,6 +349,17 @@ class NextDetailTransformer(nn.Module):
         self.register_buffer("level_ids", schedule.level_ids(), persistent=False)
         self.register_buffer("mask", schedule.attn_mask(), persistent=False)
         self._init_weights(init_adaln, init_adaln_gamma, init_head, init_residual_scale)
+
+    @torch.no_grad()
+    def init_buffers(self) -> None:
+        """Fill the buffers that are not state (the level ids, the block-causal mask, the
+        attention's key-bias switch) from the schedule: after ``to_empty`` of a model built on
+        the meta device, they hold whatever memory they were given."""
+        self.level_ids.copy_(self.schedule.level_ids())
+        self.mask.copy_(self.schedule.attn_mask())
+        for m in self.modules():
+            if isinstance(m, SelfAttention) and hasattr(m, "bias_keep"):
+                m.bias_keep.copy_(no_key_bias(m.bias_keep.numel() // 3))
 
     @torch.no_grad()
     def _init_weights(self, adaln: float, adaln_gamma: float, head: float, residual: bool) -> None:

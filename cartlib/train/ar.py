@@ -13,6 +13,7 @@ import math
 from pathlib import Path
 
 import torch
+from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 from torch.distributed.tensor import DTensor
 from tqdm.auto import tqdm
 
@@ -200,13 +201,14 @@ def train_ar(
     # VQ-VAE's encoder and decoder (VAR's: 109M parameters); a copy: the caller's stays as it is
     quantizer = copy.deepcopy(tokenizer.quantizer).to(acc.device).eval().requires_grad_(False)
     sched = tokenizer.schedule
-    model = build_model(cfg, sched, num_classes)
+    if a.fsdp:  # one path on CPUs (gloo) and GPUs (nccl): torch's fully_shard, fp32 reduction
+        model = sharded_model(cfg, sched, num_classes, acc)  # before the optimizer
+    else:
+        model = build_model(cfg, sched, num_classes)
+        if a.grad_ckpt:
+            checkpoint_blocks(model)
     if acc.process_index:  # its own DropPath/dropout draws; rank 0 keeps the one-process stream
         torch.manual_seed(a.seed + 7919 * acc.process_index)
-    if a.grad_ckpt:
-        checkpoint_blocks(model)
-    if a.fsdp:  # one path on CPUs (gloo) and GPUs (nccl): torch's fully_shard, fp32 reduction
-        shard_per_block(model.to(acc.device), cfg.precision)  # before the optimizer
     lr = a.lr * a.batch_size / 256
     opt = build_optimizer(model, lr, a.weight_decay)
     lrs = torch.optim.lr_scheduler.LambdaLR(
@@ -312,6 +314,23 @@ def train_ar(
         model = load_ar(out_dir, tokenizer).to(acc.device) if acc.is_main_process else None
         return model, history
     return core.eval(), history
+
+
+def sharded_model(cfg, schedule, num_classes: int, acc):
+    """The transformer of ``cfg``, fully sharded per block (FSDP2), with the initial weights one
+    process would have: built on the meta device by every process, sharded, materialised on its
+    device, then filled from the one whole model that the main process builds and broadcasts
+    (a d30 in fp32 is 8 GB of host memory: one copy per run, not one per process)."""
+    full = build_model(cfg, schedule, num_classes) if acc.is_main_process else None
+    model = build_model(cfg, schedule, num_classes, device="meta")
+    if cfg.ar.grad_ckpt:
+        checkpoint_blocks(model)
+    shard_per_block(model, cfg.precision)
+    model.to_empty(device=acc.device)
+    model.init_buffers()
+    whole = StateDictOptions(full_state_dict=True, broadcast_from_rank0=True)
+    set_model_state_dict(model, full.state_dict() if full is not None else {}, options=whole)
+    return model
 
 
 def load_ar(path: str | Path, tokenizer):
