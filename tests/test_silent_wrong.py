@@ -247,3 +247,31 @@ def test_a_diverged_transformer_is_never_saved_as_trained(tmp_path, steps, ckpt_
     with pytest.raises(FloatingPointError, match=rf"{why}.*above the limit 13.86.*no checkpoint"):
         train.train_ar(cfg, tmp_path, tok, tokens, labels, 8, progress=False)
     assert not list(train.ar_dir(tmp_path, cfg).glob("step-*.pt"))
+
+
+def test_whether_a_stage_is_finished_is_read_from_its_manifest_without_unpickling(
+    tmp_path, monkeypatch
+):
+    """Issue 35, finding 7: stages.finished unpickled the whole last.pt (24 GB at d30) to read
+    one integer, twice per ensure_ar; now the manifest answers (<= 0.1 s for a 2 GB file)."""
+    import json
+    import time
+
+    from cartlib.train.checkpoints import MANIFEST, stage_state
+
+    big = tmp_path / "step-00584150.pt"
+    with open(big, "wb") as f:  # a 2 GB file that takes no disk (sparse)
+        f.truncate(2 * 2**30)
+    entry = {"file": big.name, "step": 584150, "sha256": "0" * 64, "bytes": 2 * 2**30}
+    (tmp_path / MANIFEST).write_text(json.dumps({"checkpoints": [entry]}))
+
+    def no_loading(*args, **kwargs):
+        raise AssertionError("a checkpoint was loaded to answer whether the stage is finished")
+
+    monkeypatch.setattr(torch, "load", no_loading)
+    t0 = time.perf_counter()
+    assert stages.finished(tmp_path, 584150) and not stages.finished(tmp_path, 584151)
+    assert stage_state(tmp_path, 1).status == "finished"
+    assert time.perf_counter() - t0 <= 0.1
+    big.unlink()  # its file gone: not finished any more
+    assert stage_state(tmp_path, 1).status == "missing"
