@@ -5,8 +5,9 @@ changes per machine is how one optimizer step is laid out on each GPU:
 
 * ``micro_batch`` images go through forward and backward at once, ``accumulation`` micro-batches
   make one optimizer step (global batch = micro_batch x accumulation x world size);
-* ``fsdp``: parameters, gradients and AdamW moments fully sharded over the GPUs (FSDP2 through
-  accelerate, one unit per transformer block), else replicated (DDP);
+* ``fsdp``: parameters, gradients and AdamW moments fully sharded over the GPUs (FSDP2, one unit
+  per transformer block), else replicated (DDP with ``gradient_as_bucket_view``, as
+  :func:`cartlib.train.loop.make_accelerator` sets it);
 * ``checkpointing``: activations of a block are recomputed in backward instead of kept.
 
 :func:`training_memory` estimates the peak per GPU; :func:`choose_fit` picks the cheapest layout
@@ -14,18 +15,44 @@ that fits a stated memory (``gpu_mem_gib``): no checkpointing and no sharding if
 micro-batch of at least :data:`MIN_MICRO_BATCH`, then sharding, then checkpointing, then both;
 within a layout the largest micro-batch that fits and divides the per-GPU batch.
 
+The peak is the larger of two moments; per GPU, with n parameters, L tokens per image, W the
+width, V the vocabulary, parameter state divided by the world size under FSDP ("measured": by
+tests/test_fit.py, on the CPU; docs/memory-model.md has the numbers):
+
+* the start of backward:
+
+  - ``weights``, fp32: 4 n (assumed: the definition); ``adamw``, two fp32 moments: 8 n
+    (measured, fused or not);
+  - ``grads``: DDP's bucket, 4 n, allocated when DDP wraps the model, the gradients its views
+    (measured, 2 gloo processes); under FSDP 4 n / world, plus 4 n while micro-batches
+    accumulate without sync: FSDP2 keeps them unsharded in the fp32 reduce dtype (measured;
+    torch's ``FSDPParam.to_accumulated_grad_if_needed``); in one process 4 n when accumulating,
+    none at the first backward (``zero_grad(set_to_none=True)``: assumed);
+  - ``weight_copies``: the bf16 weights autograd saves under autocast, 2 n, none under FSDP
+    (measured: the batch-free part of what a block saves);
+  - ``activations`` (measured, below); ``logits``, :data:`LOGIT_BYTES` per token and vocabulary
+    entry (assumed; checked with the activations against a CPU step's peak);
+  - ``masks``: on the ``sdpa`` path the additive mask each block's SDPA keeps, depth x L² in the
+    compute dtype (measured on the CPU, assumed on CUDA); ``gathered``, FSDP: two blocks in the
+    compute dtype and one fp32 reduce-scatter input (assumed: FSDP2's prefetch and buffers).
+
+* the optimizer step: weights, moments and gradients, 16 n, plus 4 n for DDP without the bucket
+  view (gradients and bucket apart) and 4 n for foreach AdamW's temporary (the square roots of
+  the second moments; fused AdamW, what training uses on CUDA, has none).
+
+Not counted, inside :data:`HEADROOM`: the CUDA context and NCCL's buffers (outside
+``torch.cuda.max_memory_allocated``) and allocator fragmentation. ``benchmarks/gpu_check.py``
+compares the estimate with ``torch.cuda.max_memory_allocated`` (docs/gpu-table.md).
+
 The activation term is measured, not assumed: :func:`block_bytes_per_token_width` counts the bytes
 autograd saves for backward in one transformer block (``torch.autograd.graph.saved_tensors_hooks``,
-each storage once, the difference between batch 2 and batch 1 so that weights and the mask drop
-out) with the presets' block options (L2-normalised attention, stochastic depth, adaLN) and fused
-attention, as on GPUs; :data:`ACT_BYTES_PER_TOKEN_WIDTH` holds the result under bf16 autocast and
-in fp32, and tests/test_fit.py repeats the measurement. Under bf16 autocast the residual stream,
-LayerNorm outputs and normalised q/k stay fp32, which is why it is ~1.6x Korthikanti et al.'s
-34 bytes for an all-16-bit block. Around it: the logits (:data:`LOGIT_BYTES` per token and
-vocabulary entry at the backward's peak), DDP's gradient buckets, the gradients FSDP keeps
-unsharded while micro-batches accumulate, and two gathered blocks under FSDP. The estimate is
-checked against a measured CPU peak (tests/test_fit.py) and ``torch.cuda.max_memory_allocated``
-(benchmarks/gpu_check.py).
+each storage once, the difference between batch 2 and batch 1 so that weights and masks drop out)
+with the presets' block options (L2-normalised attention, stochastic depth, adaLN) on each
+training attention path, with fused attention as on GPUs; :data:`ACT_BYTES_PER_TOKEN_WIDTH` holds
+the results under bf16 autocast and in fp32. Under bf16 autocast the residual stream, LayerNorm
+outputs and normalised q/k stay fp32, which is why it is ~1.6x Korthikanti et al.'s 34 bytes for
+an all-16-bit block; ``per_step`` keeps 2 (bf16) or 4 (fp32) bytes more than ``sdpa``: its
+per-step outputs and their concatenation, laid out for the output projection, are two tensors.
 """
 
 from __future__ import annotations
@@ -40,6 +67,7 @@ from cartlib.config import load_preset
 from cartlib.model import build_model
 from cartlib.model.transformer import Block
 from cartlib.perceptual import lpips_model
+from cartlib.schedule import TokenSchedule
 from cartlib.tokenizer import Tokenizer
 from cartlib.tokenizer.losses import CompoundLoss
 from cartlib.tokenizer.vqvae import downsample_factor
@@ -47,14 +75,27 @@ from cartlib.tokenizer.vqvae import downsample_factor
 GIB = 2**30
 MIN_MICRO_BATCH = 8  # below this a GPU runs inefficiently: prefer sharding/checkpointing first
 HEADROOM = 0.9  # plan to at most this share of the GPU (allocator fragmentation, CUDA context)
-# bytes autograd saves per token and width unit in one block, by precision: measured with
-# block_bytes_per_token_width at width 128 and 512 tokens (tests/test_fit.py repeats it)
-ACT_BYTES_PER_TOKEN_WIDTH = {"bf16": 54.4, "no": 92.5}
+VAR_PATCHES = (1, 2, 3, 4, 5, 6, 8, 10, 13, 16)  # VAR-256's schedule: the activations' probe
+# bytes autograd saves per token and width unit in one block, by training attention path and
+# precision: measured with block_bytes_per_token_width at width 128 on VAR_PATCHES (680 tokens;
+# tests/test_fit.py repeats it). flex has no backward on the CPU: assumed equal to sdpa (it keeps
+# q, k, v, the output and the log-sum-exp, as the fused SDPA kernels do).
+ACT_BYTES_PER_TOKEN_WIDTH = {
+    "sdpa": {"bf16": 54.3, "no": 92.5},
+    "per_step": {"bf16": 56.3, "no": 96.5},
+    "flex": {"bf16": 54.3, "no": 92.5},
+}
+TRAINING_ATTENTION = "per_step"  # the path ar.attention="auto" trains with (CPU and CUDA)
 # the logits at the backward's peak, per token and vocabulary entry: the fp32 logits and the
 # log-softmax the loss keeps (4 + 4), the gradient of each (4 + 4)
 LOGIT_BYTES = 16
-STATE_BYTES_PER_PARAM = 16  # fp32 weights + fp32 gradients + AdamW's two fp32 moments
-DDP_BUCKET_BYTES_PER_PARAM = 4  # DDP all-reduces from a flat fp32 copy of the gradients
+WEIGHT_BYTES, ADAMW_BYTES, GRAD_BYTES = 4, 8, 4  # per parameter: fp32 weights, moments, gradients
+STATE_BYTES_PER_PARAM = WEIGHT_BYTES + ADAMW_BYTES + GRAD_BYTES  # 16
+# bf16 weight copies autograd saves under autocast (measured: weight_copy_bytes_per_param)
+WEIGHT_COPY_BYTES = {"bf16": 2, "no": 0}
+ACCUMULATED_GRAD_BYTES = 4  # FSDP2 no-sync: unsharded gradients in the reduce dtype (fp32)
+DDP_BUCKET_BYTES_PER_PARAM = 4  # DDP's fp32 gradient bucket (the gradients, with bucket view)
+FOREACH_ADAMW_TEMP_BYTES = 4  # foreach AdamW's sqrt(second moment) list; fused: none
 
 
 @dataclass(frozen=True)
@@ -74,6 +115,17 @@ class Fit:
         )
 
 
+def _grad_bytes(n: float, world: int, fsdp: bool, accumulation: int, bucket_view: bool) -> float:
+    """Gradient memory live when a micro-batch's backward starts (see the module doc)."""
+    accumulating = accumulation > 1  # earlier micro-batches' gradients are there
+    if fsdp:
+        return GRAD_BYTES * n / world + (ACCUMULATED_GRAD_BYTES * n if accumulating else 0.0)
+    if world > 1:  # the bucket is allocated when DDP wraps; without bucket view grads apart
+        apart = GRAD_BYTES * n if accumulating and not bucket_view else 0.0
+        return DDP_BUCKET_BYTES_PER_PARAM * n + apart
+    return GRAD_BYTES * n if accumulating else 0.0
+
+
 def training_memory(
     n_params: int,
     depth: int,
@@ -86,29 +138,42 @@ def training_memory(
     checkpointing: bool = False,
     precision: str = "bf16",
     accumulation: int = 1,
+    attention: str = TRAINING_ATTENTION,
+    bucket_view: bool = True,
+    fused: bool = True,
 ) -> dict[str, float]:
-    """Estimated peak bytes per GPU of one training step, by part (and ``"total"``).
+    """Estimated peak bytes per GPU of one training step: the parts live when backward starts,
+    ``"optimizer_step"`` (the total at the step) and ``"total"``, the larger of the two.
 
     ``precision``: ``bf16`` (autocast, the GPUs' setting; fp16 saves the same) or ``no`` (fp32,
-    CPU tests). ``accumulation``: micro-batches per optimizer step (under FSDP the gradients stay
-    unsharded until the last one)."""
-    act = ACT_BYTES_PER_TOKEN_WIDTH["no" if precision == "no" else "bf16"]
-    state = STATE_BYTES_PER_PARAM * n_params / (world if fsdp else 1)
+    CPU tests). ``accumulation``: micro-batches per optimizer step. ``attention``: the training
+    path (``sdpa`` | ``per_step`` | ``flex``). ``bucket_view``: DDP's gradients are views of its
+    bucket (cartlib's setting; False: accelerate's default). ``fused``: fused AdamW (cartlib on
+    CUDA) rather than foreach. The terms: module doc and docs/memory-model.md."""
+    half = "no" if precision == "no" else "bf16"
+    n, shard = float(n_params), world if fsdp else 1
+    act = ACT_BYTES_PER_TOKEN_WIDTH[attention][half]
     per_layer = act * micro_batch * seq_len * width
     if checkpointing:  # block inputs (the fp32 residual stream) kept per layer, one layer live
         acts = depth * 4 * micro_batch * seq_len * width + per_layer
     else:
         acts = depth * per_layer
-    logits = LOGIT_BYTES * micro_batch * seq_len * vocab
-    half = 4 if precision == "no" else 2
-    gathered = 2 * half * n_params / depth if fsdp else 0.0  # two blocks unsharded at once
-    if fsdp:  # no-sync micro-batches accumulate unsharded gradients (in the compute dtype)
-        buffers = half * n_params if accumulation > 1 else 0.0
-    else:
-        buffers = DDP_BUCKET_BYTES_PER_PARAM * n_params if world > 1 else 0.0
-    parts = {"state": state, "activations": acts, "logits": logits, "gathered": gathered,
-             "grad_buffers": buffers}  # fmt: skip
-    parts["total"] = sum(parts.values())
+    compute = 4 if half == "no" else 2  # bytes of the compute dtype
+    parts = {
+        "weights": WEIGHT_BYTES * n / shard,
+        "adamw": ADAMW_BYTES * n / shard,
+        "grads": _grad_bytes(n, world, fsdp, accumulation, bucket_view),
+        "weight_copies": 0.0 if fsdp else WEIGHT_COPY_BYTES[half] * n,
+        "activations": acts,
+        "logits": LOGIT_BYTES * micro_batch * seq_len * vocab,
+        "masks": depth * seq_len**2 * compute if attention == "sdpa" else 0.0,
+        "gathered": (2 * compute + 4) * n / depth if fsdp else 0.0,
+    }
+    step = STATE_BYTES_PER_PARAM * n / shard
+    step += DDP_BUCKET_BYTES_PER_PARAM * n if world > 1 and not fsdp and not bucket_view else 0.0
+    step += 0.0 if fused else FOREACH_ADAMW_TEMP_BYTES * n / shard
+    parts["optimizer_step"] = step
+    parts["total"] = max(step, sum(v for k, v in parts.items() if k != "optimizer_step"))
     return parts
 
 
@@ -128,31 +193,70 @@ def saved_bytes(fn, exclude: set[int] = frozenset()) -> int:
     return sum(seen.values())
 
 
-def block_bytes_per_token_width(
-    width: int = 128, seq_len: int = 512, precision: str = "bf16", preset: str = "cart-d30-256",
-    device: str = "cpu",
-) -> float:  # fmt: skip
-    """Bytes autograd saves per token and width unit for one transformer block of ``preset``'s
-    options (attention normalisation, stochastic depth, adaLN) at ``width``, in training mode,
-    under ``precision`` (bf16 autocast or fp32), with fused attention (SDPA) as on GPUs: the
-    difference between a batch of 2 and of 1, so that weights and the mask do not count."""
+def _probe_block(width: int, preset: str, device: str) -> Block:
+    """One transformer block of ``preset``'s options at ``width``, in training mode, with fused
+    attention (SDPA) as on GPUs."""
     a = load_preset(preset).ar
     torch.manual_seed(0)
     heads = max(1, width // 64)
     block = Block(width, heads, a.mlp_ratio, a.dropout, a.attn_l2_norm, a.drop_path_rate or 0.1)
     block = block.to(device).train()
-    block.attn.cpu_bf16_explicit = False  # fused attention, as on GPUs
-    mask = torch.ones(seq_len, seq_len, dtype=torch.bool, device=device).tril()
-    weights = {p.untyped_storage().data_ptr() for p in block.parameters()}
-    dtype = torch.bfloat16 if precision in ("bf16", "fp16") else None
+    block.attn.cpu_bf16_explicit = False
+    return block
 
-    def measure(batch: int) -> int:
-        x = torch.randn(batch, seq_len, width, device=device, requires_grad=True)
+
+def _block_saves(block: Block, mask, tokens: int, precision: str, device: str):
+    """-> saved(batch): the bytes ``block`` saves for backward on a batch of ``tokens`` tokens
+    under ``precision`` (bf16 autocast or fp32), its parameters and ``mask`` not counted."""
+    fixed = [*block.parameters(), *block.buffers()]
+    if isinstance(mask, torch.Tensor):
+        fixed.append(mask)
+    exclude = {t.untyped_storage().data_ptr() for t in fixed}
+    width = block.norm1.normalized_shape[0]
+
+    def saved(batch: int) -> int:
+        x = torch.randn(batch, tokens, width, device=device, requires_grad=True)
         cond = torch.randn(batch, width, device=device, requires_grad=True)
-        with torch.autocast(device, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
-            return saved_bytes(lambda: block(x, cond, mask), weights)
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=precision != "no"):
+            return saved_bytes(lambda: block(x, cond, mask), exclude)
 
-    return (measure(2) - measure(1)) / (seq_len * width)
+    return saved
+
+
+def block_bytes_per_token_width(
+    width: int = 128, patch_nums: tuple[int, ...] = VAR_PATCHES, precision: str = "bf16",
+    preset: str = "cart-d30-256", device: str = "cpu", attention: str = TRAINING_ATTENTION,
+) -> float:  # fmt: skip
+    """Bytes autograd saves per token and width unit for one transformer block of ``preset``'s
+    options at ``width`` on the block-causal schedule of ``patch_nums`` through the training
+    attention path ``attention`` (``sdpa`` or ``per_step``; flex has no CPU backward), under
+    ``precision`` (bf16 autocast or fp32): the difference between a batch of 2 and of 1, so
+    that weights and masks do not count."""
+    schedule = TokenSchedule.var(patch_nums)
+    if attention == "sdpa":
+        mask = schedule.attn_mask(device)
+    elif attention == "per_step":
+        from cartlib.model.transformer import BlockCausal
+
+        mask = BlockCausal.build(schedule, attention, device)
+    else:
+        raise ValueError(f"attention={attention!r}: measure 'sdpa' or 'per_step' on the CPU")
+    block = _probe_block(width, preset, device)
+    saved = _block_saves(block, mask, schedule.seq_len, precision, device)
+    return (saved(2) - saved(1)) / (schedule.seq_len * width)
+
+
+def weight_copy_bytes_per_param(
+    precision: str = "bf16", width: int = 128, tokens: int = 64, preset: str = "cart-d30-256",
+    device: str = "cpu",
+) -> float:  # fmt: skip
+    """Bytes per parameter that one block saves for backward whatever the batch (batch 1 minus
+    the batch-proportional part): under autocast, the low-precision copies of its weights the
+    matmuls keep; its own fp32 parameters are not counted. Dense attention (no mask)."""
+    block = _probe_block(width, preset, device)
+    saved = _block_saves(block, None, tokens, precision, device)
+    one, two = saved(1), saved(2)
+    return (2 * one - two) / sum(p.numel() for p in block.parameters())
 
 
 def _divisors_desc(n: int) -> list[int]:
@@ -169,9 +273,11 @@ def choose_fit(
     world: int,
     gpu_mem_gib: float,
     precision: str = "bf16",
+    **options,
 ) -> Fit:
     """The cheapest layout of ``global_batch`` over ``world`` GPUs of ``gpu_mem_gib`` each,
-    training in ``precision`` (see :func:`training_memory`)."""
+    training in ``precision``; ``options`` (attention, bucket_view, fused) as
+    :func:`training_memory` takes them, the training loop's settings by default."""
     if global_batch % world:
         counts = ", ".join(map(str, _divisors_desc(global_batch)[-8:]))
         raise ValueError(
@@ -187,7 +293,7 @@ def choose_fit(
         for b in _divisors_desc(local):
             peak = training_memory(
                 n_params, depth, width, seq_len, vocab, b, world, fsdp, ckpt, precision,
-                accumulation=local // b,
+                accumulation=local // b, **options,
             )  # fmt: skip
             if peak["total"] <= budget:
                 fit = Fit(b, local // b, fsdp, ckpt, peak["total"] / GIB)
@@ -198,12 +304,14 @@ def choose_fit(
     if best is not None:
         return best
     one = training_memory(
-        n_params, depth, width, seq_len, vocab, 1, world, world > 1, True, precision, local
-    )
+        n_params, depth, width, seq_len, vocab, 1, world, world > 1, True, precision, local,
+        **options,
+    )  # fmt: skip
+    state = one["weights"] + one["adamw"]
     raise ValueError(
         f"even micro-batch 1 with sharding and checkpointing needs ~{one['total'] / GIB:.0f} GiB "
-        f"per GPU (parameter state {one['state'] / GIB:.0f} GiB over {world} GPU(s)), more than "
-        f"{HEADROOM:.0%} of {gpu_mem_gib} GiB: use more GPUs or larger ones"
+        f"per GPU (weights and AdamW state {state / GIB:.0f} GiB over {world} GPU(s)), more "
+        f"than {HEADROOM:.0%} of {gpu_mem_gib} GiB: use more GPUs or larger ones"
     )
 
 
@@ -290,7 +398,9 @@ def tokenizer_activation_probe(
     trained = sum(p.numel() for p in run_tok.parameters())
     trained += sum(p.numel() for p in crit.disc.parameters()) if crit.disc is not None else 0
     frozen = sum(p.numel() for p in perceptual.parameters()) if perceptual is not None else 0
-    result = {"bytes_per_pixel": per_pixel, "trained_params": trained, "frozen_params": frozen}
+    copies = WEIGHT_COPY_BYTES["no" if precision == "no" else "bf16"]  # per parameter
+    result = {"bytes_per_pixel": per_pixel, "trained_params": trained, "frozen_params": frozen,
+              "weight_copy_bytes": copies}  # fmt: skip
     _TOKENIZER_PROBES[key] = result
     return result
 
@@ -300,14 +410,17 @@ def tokenizer_memory(
 ) -> dict[str, float]:
     """Estimated peak bytes per GPU of one tokenizer training step, by part (and ``"total"``),
     from :func:`tokenizer_activation_probe`'s measurement: AdamW's state of the tokenizer and
-    discriminator, the frozen perceptual network, DDP's gradient buckets over several GPUs, and
-    the activations of ``micro_batch`` images of ``resolution`` squared."""
-    trained = probe["trained_params"]
+    discriminator (weights, gradients, moments; over several GPUs the gradients are views of
+    DDP's bucket, nothing apart), the frozen perceptual network, the low-precision weight copies
+    autocast keeps for backward (of both: the frozen network's too, for the gradient of its
+    input) and the activations of ``micro_batch`` images of ``resolution`` squared. ``world``
+    does not change it (kept for the callers that pass it)."""
+    trained, frozen = probe["trained_params"], probe["frozen_params"]
     parts = {
         "state": STATE_BYTES_PER_PARAM * trained,
-        "frozen": 4 * probe["frozen_params"],
+        "frozen": 4 * frozen,
+        "weight_copies": probe.get("weight_copy_bytes", 0.0) * (trained + frozen),
         "activations": probe["bytes_per_pixel"] * resolution**2 * micro_batch,
-        "grad_buffers": DDP_BUCKET_BYTES_PER_PARAM * trained if world > 1 else 0.0,
     }
     parts["total"] = sum(parts.values())
     return parts
@@ -351,9 +464,12 @@ FID_SAMPLES = 50_000
 
 
 def ar_forward_flops(cfg, num_classes: int = 1000) -> float:
-    """Floating-point operations of one image's teacher-forced transformer forward."""
+    """Floating-point operations of one image's teacher-forced transformer forward, attention
+    counted dense (all L² query-key pairs, as the ``sdpa`` reference computes them; the faster
+    paths compute the block-causal pairs only, but the model's FLOPs are the same for all)."""
     schedule = cfg.schedule()
     model = build_model(cfg, schedule, num_classes, device="meta")
+    model.attention = "sdpa"  # the per-step plan reads its mask's values: not on the meta device
     first = schedule[0].h * schedule[0].w
     labels = torch.zeros(1, dtype=torch.long, device="meta")
     inputs = torch.empty(1, schedule.seq_len - first, cfg.tokenizer.latent_channels, device="meta")

@@ -12,6 +12,17 @@ activations leave the resident set:
 
 The rise of the peak resident set during the second step (the first allocated the optimizer
 state) is compared with the estimate.
+
+Two more measure the gradient terms of :func:`cartlib.fit.training_memory`, in bytes per
+parameter of a stack of linear layers (large weights, few activations), by the resident set:
+
+* ``accelerate launch --multi_gpu --num_processes 2 tests/memory_probe.py ddp``: DDP as
+  :func:`cartlib.train.loop.make_accelerator` sets it, then with accelerate's default
+  ``gradient_as_bucket_view=False``: what wrapping and a first step leave (AdamW's moments and
+  DDP's bucket) and what a backward adds to it (gradients apart from the bucket);
+* ``python tests/memory_probe.py fsdp-accumulation``: FSDP2 (one gloo process) with training's
+  bf16 policy: what a backward without gradient sync keeps (the unsharded gradients, in the
+  reduce dtype).
 """
 
 from __future__ import annotations
@@ -116,8 +127,109 @@ def tokenizer_step(batch: int, resolution: int, channels: int) -> dict:
     return {"measured": measured, "estimate": est, "ratio": measured / est}
 
 
+def _linear_stack(width: int = 1024, layers: int = 16) -> torch.nn.Sequential:
+    torch.manual_seed(0)
+    return torch.nn.Sequential(*(torch.nn.Linear(width, width) for _ in range(layers)))
+
+
+def ddp_step(acc, view: bool) -> dict:
+    from cartlib.train.loop import build_optimizer
+
+    acc.ddp_handler.gradient_as_bucket_view = view
+    net = _linear_stack()
+    n = sum(p.numel() for p in net.parameters())
+    x = torch.randn(4, 1024)
+    opt = build_optimizer(net, 1e-4, 0.0)
+    before = resident("VmRSS")
+    net, opt = acc.prepare(net, opt)
+    for _ in range(2):  # the first step allocates the moments, and DDP writes its bucket
+        opt.zero_grad(set_to_none=True)
+        acc.backward(net(x).square().mean())
+        opt.step()
+    opt.zero_grad(set_to_none=True)
+    kept = resident("VmRSS")
+    acc.backward(net(x).square().mean())
+    grads = resident("VmRSS") - kept
+    storages = {p.grad.untyped_storage().data_ptr() for p in net.parameters()}
+    acc.free_memory()  # the next measurement starts from what this one found
+    return {
+        "kept_per_param": (kept - before) / n,  # AdamW's moments + DDP's bucket
+        "backward_per_param": grads / n,  # gradients apart from the bucket
+        "grad_storages": len(storages),
+        "params": len(list(net.parameters())),
+    }
+
+
+def ddp_steps() -> dict | None:
+    """:func:`ddp_step` with the bucket view (training's setting), then without."""
+    import gc
+
+    from cartlib.train.loop import make_accelerator
+
+    torch.set_num_threads(1)
+    acc = make_accelerator("no", cpu=True)
+    out = {"processes": acc.num_processes, "view": ddp_step(acc, True)}
+    gc.collect()
+    out["apart"] = ddp_step(acc, False)
+    return out if acc.is_main_process else None
+
+
+def fsdp_accumulation() -> dict:
+    import os
+
+    import torch.distributed as dist
+    from torch.distributed.fsdp import fully_shard
+
+    from cartlib.train.parallel import sharding_policy
+
+    torch.set_num_threads(1)
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ.setdefault("MASTER_PORT", sys.argv[2] if len(sys.argv) > 2 else "29531")
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    net, policy = _linear_stack(), sharding_policy("bf16")
+    n = sum(p.numel() for p in net.parameters())
+    for layer in net:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(net, mp_policy=policy)
+    x = torch.randn(4, 1024)
+
+    def backward():  # under autocast, as training runs it
+        with torch.autocast("cpu", torch.bfloat16):
+            y = net(x)
+        y.float().square().mean().backward()
+
+    backward()  # warm-up with gradient sync: the allocator, autograd and FSDP's buffers
+    for p in net.parameters():
+        p.grad = None
+    before = resident("VmRSS")
+    net.set_requires_gradient_sync(False)
+    backward()  # the first micro-batch: its gradients stay unsharded, upcast
+    kept = resident("VmRSS")
+    backward()  # the second accumulates into them
+    second = resident("VmRSS") - kept
+    held = [
+        fp.unsharded_accumulated_grad
+        for m in net.modules()
+        if hasattr(m, "_get_fsdp_state") and m._get_fsdp_state()._fsdp_param_group
+        for fp in m._get_fsdp_state()._fsdp_param_group.fsdp_params
+    ]  # fmt: skip
+    dist.destroy_process_group()
+    return {
+        "dtypes": sorted({str(g.dtype) for g in held if g is not None}),
+        "held_per_param": sum(g.nbytes for g in held if g is not None) / n,
+        "second_backward_per_param": second / n,
+        "kept_per_param": (kept - before) / n,
+    }
+
+
 if __name__ == "__main__":
-    if sys.argv[1] == "tokenizer":
+    if sys.argv[1] == "ddp":
+        out = ddp_steps()
+        if out is not None:
+            print(json.dumps(out))
+    elif sys.argv[1] == "fsdp-accumulation":
+        print(json.dumps(fsdp_accumulation()))
+    elif sys.argv[1] == "tokenizer":
         print(json.dumps(tokenizer_step(*map(int, sys.argv[2:5]))))
     else:
         ckpt, batch, depth, width = sys.argv[1] == "1", *map(int, sys.argv[2:5])

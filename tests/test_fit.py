@@ -21,16 +21,27 @@ from cartlib.fit import (
 D30 = {"n_params": 2_012_000_000, "depth": 30, "width": 1920, "seq_len": 2066, "vocab": 4096}
 
 
+def _backward_start(parts: dict) -> float:
+    return sum(v for k, v in parts.items() if k not in ("total", "optimizer_step"))
+
+
 def test_memory_parts_scale_as_the_model_says():
     base = training_memory(**D30, micro_batch=8)
-    assert base["total"] == pytest.approx(sum(v for k, v in base.items() if k != "total"))
+    assert base["total"] == pytest.approx(max(_backward_start(base), base["optimizer_step"]))
     double = training_memory(**D30, micro_batch=16)
     assert double["activations"] == pytest.approx(2 * base["activations"])
-    assert double["state"] == base["state"]  # the optimizer state does not depend on the batch
+    for part in ("weights", "adamw", "weight_copies"):  # parameter terms: batch-free
+        assert double[part] == base[part]
     sharded = training_memory(**D30, micro_batch=8, world=16, fsdp=True)
-    assert sharded["state"] == pytest.approx(base["state"] / 16)
+    assert sharded["adamw"] == pytest.approx(base["adamw"] / 16)
+    assert sharded["weight_copies"] == 0  # FSDP gathers bf16 weights: autocast copies nothing
     ckpt = training_memory(**D30, micro_batch=8, checkpointing=True)
     assert ckpt["activations"] < base["activations"] / 5  # depth 30: keep inputs, one live layer
+    # the optimizer step is the peak when activations are small: 16 B/param (+4 foreach)
+    small = training_memory(**{**D30, "seq_len": 16}, micro_batch=1)
+    assert small["total"] == small["optimizer_step"] == 16 * D30["n_params"]
+    foreach = training_memory(**{**D30, "seq_len": 16}, micro_batch=1, fused=False)
+    assert foreach["total"] == 20 * D30["n_params"]
 
 
 @pytest.mark.parametrize(
@@ -54,7 +65,8 @@ def test_chosen_layout_keeps_the_global_batch_and_fits(world, mem, batch):
 def test_smaller_gpus_get_sharding_or_checkpointing_and_impossible_fits_say_so():
     big = choose_fit(**D30, global_batch=768, world=16, gpu_mem_gib=80)
     small = choose_fit(**D30, global_batch=768, world=16, gpu_mem_gib=40)
-    # 2B params x 16 B = 30 GiB of state + 7.5 GiB of DDP buckets: sharded from 80 GB down
+    # 2B params x 18 B (weights, moments, DDP's bucket, bf16 copies) = 34 GiB + 2066 tokens of
+    # activations: sharded from 80 GB down
     assert big.fsdp and not big.checkpointing and big.micro_batch >= 8
     assert small.fsdp and small.peak_gib < big.peak_gib
     with pytest.raises(ValueError, match="does not split evenly over 7 GPUs"):
@@ -86,30 +98,132 @@ def test_memory_estimate_holds_against_a_measured_cpu_peak(checkpointing):
     assert 1 / 1.5 < m["ratio"] < 1.5, m
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "per_step"])
 @pytest.mark.parametrize("precision", ["bf16", "no"])
-def test_activation_constant_is_what_autograd_saves(precision):
+def test_activation_constant_is_what_autograd_saves(precision, attention):
     """The constant the layouts are chosen with is a measurement, repeated here: the bytes
     autograd saves per token and width unit in one block (preset d30's options, fused
-    attention), the same at another width and sequence length (it is per token and width)."""
-    measured = block_bytes_per_token_width(128, 512, precision)
-    other = block_bytes_per_token_width(64, 256, precision)
+    attention) on a training attention path, the same at another width and schedule (it is per
+    token and width)."""
+    measured = block_bytes_per_token_width(128, precision=precision, attention=attention)
+    other = block_bytes_per_token_width(64, (1, 2, 3, 4, 6, 8, 12), precision, attention=attention)
     print(
-        f"{precision}: {measured:.2f} bytes per token x width (width 64, 256 tokens: {other:.2f})"
+        f"{attention} {precision}: {measured:.2f} bytes per token x width (width 64: {other:.2f})"
     )
-    assert measured == pytest.approx(ACT_BYTES_PER_TOKEN_WIDTH[precision], rel=0.01)
+    assert measured == pytest.approx(ACT_BYTES_PER_TOKEN_WIDTH[attention][precision], rel=0.01)
     assert other == pytest.approx(measured, rel=0.05)
     assert measured > 34  # more than an all-16-bit block (Korthikanti et al.): fp32 residuals
 
 
-def test_gradient_buffers_are_counted():
-    """DDP's flat gradient buckets on several GPUs; under FSDP the unsharded gradients that
-    no-sync micro-batches accumulate."""
+def test_autocast_weight_copies_and_the_sdpa_mask_are_what_autograd_saves():
+    """Whatever the batch, a block under bf16 autocast saves a bf16 copy of its weights for
+    backward (2 B/param; fp32 saves the parameters themselves, nothing more), and on the sdpa
+    path the additive L x L mask SDPA makes of the boolean one (2 B per pair under bf16)."""
+    from cartlib.fit import (
+        VAR_PATCHES,
+        WEIGHT_COPY_BYTES,
+        _block_saves,
+        _probe_block,
+        weight_copy_bytes_per_param,
+    )
+    from cartlib.schedule import TokenSchedule
+
+    bf16, fp32 = weight_copy_bytes_per_param("bf16"), weight_copy_bytes_per_param("no")
+    print(f"batch-free bytes saved per parameter: bf16 {bf16:.3f}, fp32 {fp32:.5f}")
+    assert bf16 == pytest.approx(WEIGHT_COPY_BYTES["bf16"], rel=0.02)  # biases are not copied
+    assert fp32 < 0.01 and WEIGHT_COPY_BYTES["no"] == 0
+    schedule = TokenSchedule.var(VAR_PATCHES)
+    block, length = _probe_block(128, "cart-d30-256", "cpu"), schedule.seq_len
+    saved = _block_saves(block, schedule.attn_mask(), length, "bf16", "cpu")
+    free = 2 * saved(1) - saved(2)  # batch-free part: weight copies and the additive mask
+    copies = bf16 * sum(p.numel() for p in block.parameters())
+    assert free - copies == pytest.approx(2 * length**2, rel=0.01)
+    masks = training_memory(**D30, micro_batch=8, attention="sdpa")["masks"]
+    assert masks == 30 * 2066**2 * 2
+
+
+def test_adamw_state_is_two_fp32_moments_fused_or_not():
+    """The optimizer term: build_optimizer's AdamW keeps 8 bytes per parameter (two fp32
+    moments) after a step, fused or not (the step counters: one scalar per tensor)."""
+    from cartlib.fit import ADAMW_BYTES
+    from cartlib.train.loop import build_optimizer
+
+    net = torch.nn.Sequential(torch.nn.Linear(64, 256), torch.nn.Linear(256, 64))
+    n = sum(p.numel() for p in net.parameters())
+    for fused in (False, True):
+        opt = build_optimizer(net, 1e-3, 0.05, fused=fused)
+        net(torch.randn(4, 64)).square().mean().backward()
+        opt.step()
+        state = [t for s in opt.state.values() for k, t in s.items() if k != "step"]
+        assert sum(t.nbytes for t in state) == ADAMW_BYTES * n
+        assert {t.dtype for t in state} == {torch.float32}
+        assert opt.param_groups[0]["fused"] is (True if fused else None)
+
+
+def test_gradient_terms_follow_the_training_layout():
+    """Gradients live when a micro-batch's backward starts: DDP's bucket (the gradients are its
+    views: nothing apart, unless accelerate's default is kept); under FSDP the sharded ones and,
+    while no-sync micro-batches accumulate, the unsharded ones in the fp32 reduce dtype; in
+    one process, those of earlier micro-batches."""
+    n = D30["n_params"]
     one = training_memory(**D30, micro_batch=8)
-    ddp = training_memory(**D30, micro_batch=8, world=16)
-    assert one["grad_buffers"] == 0 and ddp["grad_buffers"] == 4 * D30["n_params"]
+    assert one["grads"] == 0 and one["weight_copies"] == 2 * n  # bf16 autocast copies
+    assert training_memory(**D30, micro_batch=8, accumulation=2)["grads"] == 4 * n
+    assert training_memory(**D30, micro_batch=8, precision="no")["weight_copies"] == 0
+    ddp = training_memory(**D30, micro_batch=8, world=16, accumulation=6)
+    assert ddp["grads"] == 4 * n  # bucket view: the bucket is the gradients
+    apart = training_memory(**D30, micro_batch=8, world=16, accumulation=6, bucket_view=False)
+    assert apart["grads"] == 8 * n and apart["optimizer_step"] == 20 * n
     fsdp = training_memory(**D30, micro_batch=8, world=16, fsdp=True)
     accumulating = training_memory(**D30, micro_batch=8, world=16, fsdp=True, accumulation=6)
-    assert fsdp["grad_buffers"] == 0 and accumulating["grad_buffers"] == 2 * D30["n_params"]
+    assert fsdp["grads"] == pytest.approx(4 * n / 16)
+    assert accumulating["grads"] - fsdp["grads"] == 4 * n  # fp32, whatever the compute dtype
+
+
+def _probe_json(args: list[str], monkeypatch, procs: int = 0) -> dict:
+    """The last line of tests/memory_probe.py's output (``procs`` > 0: accelerate launch)."""
+    import json
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from launching import accelerate_launch, free_port
+
+    probe = str(Path(__file__).with_name("memory_probe.py"))
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "65536")  # freed memory leaves the RSS
+    if procs:
+        out = accelerate_launch([probe, *args], procs).stdout
+    else:
+        env = {**os.environ, "OMP_NUM_THREADS": "1"}
+        cmd = [sys.executable, probe, *args, str(free_port())]
+        out = subprocess.run(cmd, capture_output=True, text=True, env=env, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def test_ddp_bucket_view_keeps_one_copy_of_the_gradients(monkeypatch):
+    """2 gloo processes through make_accelerator's DDP: wrapping and a first step keep AdamW's
+    moments (8 B/param) and DDP's bucket (4 B/param) with or without the bucket view; a
+    backward then adds nothing with it (the gradients are views of the bucket) and a separate
+    4 B/param without it (accelerate's default)."""
+    m = _probe_json(["ddp"], monkeypatch, procs=2)
+    view, apart = m["view"], m["apart"]
+    print(f"DDP bytes/param: bucket view {view}, accelerate's default {apart}")
+    assert m["processes"] == 2
+    for m in (view, apart):
+        assert 12 <= m["kept_per_param"] < 13.5  # moments 8 + bucket 4 (+ allocator slack)
+    assert view["backward_per_param"] < 0.3 and view["grad_storages"] < view["params"]
+    assert 3.7 < apart["backward_per_param"] < 4.5 and apart["grad_storages"] == apart["params"]
+
+
+def test_fsdp_accumulation_keeps_unsharded_gradients_in_fp32(monkeypatch):
+    """FSDP2 with training's bf16 policy (one gloo process): a backward without gradient sync
+    keeps the unsharded gradients upcast to the fp32 reduce dtype, 4 B/param (not the bf16
+    compute dtype's 2); a second one accumulates into them."""
+    m = _probe_json(["fsdp-accumulation"], monkeypatch)
+    print(f"FSDP no-sync accumulation: {m}")
+    assert m["dtypes"] == ["torch.float32"] and m["held_per_param"] == 4
+    assert 3.7 < m["kept_per_param"] < 4.5 and m["second_backward_per_param"] < 0.3
 
 
 # ------------------------------------------------------------------------------------ tokenizer

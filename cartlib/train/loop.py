@@ -74,8 +74,17 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, fsdp:
     launcher) its global state is reset first so a notebook can train several models with
     different precision settings. Collectives wait up to :data:`cartlib.io.DIST_TIMEOUT`.
     ``fsdp``: the caller shards the model itself (:func:`cartlib.train.parallel.shard_per_block`,
-    the same on CPUs and GPUs), which needs several launched processes."""
-    from accelerate.utils import InitProcessGroupKwargs
+    the same on CPUs and GPUs), which needs several launched processes.
+
+    A model it prepares over several processes is wrapped in DDP with the gradients as views of
+    DDP's flat bucket (``gradient_as_bucket_view``: one fp32 copy of the gradients instead of
+    two, :mod:`cartlib.fit`) and without broadcasting buffers from rank 0 at every forward
+    (``broadcast_buffers=False``): the transformer's buffers (mask, level ids, the key-bias
+    switch) are constants every process builds alike, and the tokenizer's code-usage counts are
+    per process by design (summed across processes when dead codes are restarted)."""
+    import warnings
+
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
     mixed_precision = hardware.precision(mixed_precision)  # auto -> what the device runs natively
     if cpu is None:
@@ -99,7 +108,12 @@ def make_accelerator(mixed_precision: str = "no", cpu: bool | None = None, fsdp:
             "via ar.micro_batch also saves memory)"
         )
     timeout = InitProcessGroupKwargs(timeout=DIST_TIMEOUT)
-    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=[timeout])
+    ddp = DistributedDataParallelKwargs(gradient_as_bucket_view=True, broadcast_buffers=False)
+    # torch 2.14 names broadcast_buffers deprecated in favour of forward_sync_buffers, which
+    # accelerate 1.16 cannot pass; torch's own message keeps broadcast_buffers=False for buffers
+    # that are per process, as the tokenizer's usage counts are
+    warnings.filterwarnings("ignore", r"`broadcast_buffers` is deprecated", FutureWarning)
+    return Accelerator(cpu=cpu, mixed_precision=mixed_precision, kwargs_handlers=[timeout, ddp])
 
 
 # ------------------------------------------------------------------------------------ checkpoints
@@ -489,13 +503,25 @@ def decays(name: str, p: torch.Tensor) -> bool:
     return p.ndim >= 2 and not name.endswith("bias") and NO_DECAY_NAMES.isdisjoint(name.split("."))
 
 
-def build_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95)):
+def build_optimizer(
+    params, lr: float, weight_decay: float, betas=(0.9, 0.95), fused: bool | None = None
+):
     """AdamW with two groups: decayed, and exempt (see :func:`decays`). ``params`` is a module
     (names known: VAR's rule) or an iterable of parameters (1-D ones exempt). Each group keeps
-    its parameter ``names`` and a ``wd_scale`` (1 or 0) for :func:`set_weight_decay`."""
-    named = (
+    its parameter ``names`` and a ``wd_scale`` (1 or 0) for :func:`set_weight_decay`.
+
+    ``fused`` (None: when the parameters are on CUDA or this process trains there,
+    :func:`cartlib.hardware.device`; they are often moved after the optimizer is built): torch's
+    fused AdamW kernel, one launch per step and no temporaries (foreach, torch's CUDA default,
+    keeps a second-moment-sized one: :mod:`cartlib.fit`). On the CPU torch's default, the
+    per-tensor loop: the optimizer step is under 1 % of a CPU training step, and the fused CPU
+    kernel rounds differently from the loop (docs/history.md 2026-12-07)."""
+    named = list(
         params.named_parameters() if isinstance(params, nn.Module) else (("", p) for p in params)
     )
+    if fused is None:
+        on_cuda = any(p.is_cuda for _, p in named)
+        fused = on_cuda or hardware.device().type == "cuda"
     groups = {True: {"params": [], "names": []}, False: {"params": [], "names": []}}
     for name, p in named:
         if p.requires_grad:
@@ -509,6 +535,7 @@ def build_optimizer(params, lr: float, weight_decay: float, betas=(0.9, 0.95)):
         ],
         lr=lr,
         betas=betas,
+        fused=fused or None,
     )
 
 
