@@ -43,6 +43,7 @@ import datetime
 import gc
 import json
 import os
+import socket
 import sys
 import time
 import traceback
@@ -503,7 +504,10 @@ def main(argv=None) -> int:
         return 2
     device = torch.device("cuda" if cuda else "cpu")
     os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-    os.environ.setdefault("MASTER_PORT", "29517")
+    if "MASTER_PORT" not in os.environ:  # a free one: tests run it beside other process groups
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            os.environ["MASTER_PORT"] = str(s.getsockname()[1])
     dist.init_process_group("nccl" if cuda else "gloo", rank=0, world_size=1)
     name = torch.cuda.get_device_name() if cuda else "no GPU (dry run)"
     wanted = [w for w in args.only.split(",") if w]
