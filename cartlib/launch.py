@@ -41,6 +41,7 @@ from cartlib.fit import (
 )
 from cartlib.io import atomic_write_bytes
 from cartlib.model import build_model
+from cartlib.model.transformer import attention_path
 
 # A run is "full scale" when its transformer or images are beyond what a CPU trains in minutes.
 FULL_SCALE_DEPTH = 12
@@ -125,10 +126,24 @@ def _layout(cfg: RunConfig, n_params: int, seq_len: int) -> tuple[Fit | None, st
         fit = choose_fit(
             n_params, a.depth, a.model_width, seq_len, cfg.tokenizer.codebook_size,
             a.batch_size, cfg.num_processes, cfg.gpu_mem_gib, _memory_precision(cfg),
+            attention=attention_path(a.attention, "cuda"),
         )  # fmt: skip
     except ValueError as e:
         return None, str(e)
     return fit, None
+
+
+def _peak_gib(cfg: RunConfig, n_params: int, seq_len: int) -> float:
+    """:func:`cartlib.fit.training_memory` of ``cfg``'s layout on its GPUs (GiB per GPU), with
+    the attention path it trains with on CUDA."""
+    a, world = cfg.ar, cfg.num_processes
+    local = max(1, a.batch_size // world)
+    micro = min(a.micro_batch or local, local)
+    return training_memory(
+        n_params, a.depth, a.model_width, seq_len, cfg.tokenizer.codebook_size, micro, world,
+        a.fsdp, a.grad_ckpt, _memory_precision(cfg), local // micro,
+        attention=attention_path(a.attention, "cuda"),
+    )["total"] / GIB  # fmt: skip
 
 
 def _stated_layout(cfg: RunConfig, n_params: int, seq_len: int) -> tuple[Fit, str | None]:
@@ -138,18 +153,14 @@ def _stated_layout(cfg: RunConfig, n_params: int, seq_len: int) -> tuple[Fit, st
     a, world = cfg.ar, cfg.num_processes
     local = max(1, a.batch_size // world)
     micro = min(a.micro_batch, local)
-    peak = training_memory(
-        n_params, a.depth, a.model_width, seq_len, cfg.tokenizer.codebook_size, micro, world,
-        a.fsdp, a.grad_ckpt, _memory_precision(cfg), local // micro,
-    )["total"] / GIB  # fmt: skip
-    fit = Fit(micro, local // micro, a.fsdp, a.grad_ckpt, peak)
+    fit = Fit(micro, local // micro, a.fsdp, a.grad_ckpt, _peak_gib(cfg, n_params, seq_len))
     if a.batch_size % world or local % micro:
         return fit, (
             f"ar.micro_batch={a.micro_batch} does not split batch_size={a.batch_size} over "
             f"{world} processes into whole micro-batches: set ar.micro_batch to null to let the "
             "plan choose, or a divisor of the per-process batch"
         )
-    if peak > HEADROOM * cfg.gpu_mem_gib:
+    if fit.peak_gib > HEADROOM * cfg.gpu_mem_gib:
         return fit, (
             f"the stated layout ({fit.describe()}) needs more than {HEADROOM:.0%} of "
             f"gpu_mem_gib={cfg.gpu_mem_gib:g}: set ar.micro_batch to null to let the plan choose"
@@ -224,13 +235,7 @@ def plan_ar(
     elif full_scale(cfg):  # a launch config (the plan's layout), or a layout set by hand
         fit, problem = _stated_layout(cfg, n_params, schedule.seq_len)
         problems += [problem] if problem else []
-    local = max(1, cfg.ar.batch_size // cfg.num_processes)
-    micro = min(cfg.ar.micro_batch or local, local)
-    peak = training_memory(
-        n_params, cfg.ar.depth, cfg.ar.model_width, schedule.seq_len,
-        cfg.tokenizer.codebook_size, micro, cfg.num_processes, cfg.ar.fsdp, cfg.ar.grad_ckpt,
-        _memory_precision(cfg), local // micro,
-    )["total"] / GIB  # fmt: skip
+    peak = _peak_gib(cfg, n_params, schedule.seq_len)
     if cfg.data.dataset == "imagefolder" and not cfg.data.root:
         problems.append(
             "data.root is not set: point it at an ImageNet folder in ImageFolder layout "

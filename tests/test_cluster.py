@@ -130,7 +130,7 @@ def test_the_cli_trains_with_the_plans_layout_as_the_notebook_launches_it(tmp_pa
     assert cfg.ar.micro_batch is None and not cfg.ar.fsdp  # the preset states no layout
     save_config(cfg, tmp_path / "run.yaml")
     trained = []
-    monkeypatch.setattr(runs, "ensure_ar", lambda c, run_dir: trained.append(c))
+    monkeypatch.setattr(runs, "ensure_ar", lambda c, run_dir, **kw: trained.append(c))
     monkeypatch.setattr(runs, "process_state", lambda: SimpleNamespace(is_main_process=True))
     cli = ["train-ar", "--config", str(tmp_path / "run.yaml"), "--run-dir", str(tmp_path)]
     assert main(cli) == 0
