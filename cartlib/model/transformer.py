@@ -29,18 +29,25 @@ forward and gradients within 1e-5 in fp32), chosen by ``attention`` (``ARConfig.
   backward on the CPU, and flex has no attention dropout: in those cases (and whenever attention
   maps are recorded) the call runs the reference instead.
 
-``auto`` (:func:`attention_path`) is ``per_step`` on both the CPU (measured:
-``benchmarks/bench_ar.py``, docs/history.md 2026-12-07) and CUDA, where it is the expectation
-that exact pairs through Flash beat flex's 128-tile blocks and the masked kernels;
-``benchmarks/gpu_check.py``'s table must confirm it. Attention dropout and ``attn_l2_norm``'s
-scale act in every path as in the reference (dropout: the same rate on each probability, other
-random draws). Sampling (``forward_step``) attends densely to the cache and is the same in all.
+``auto`` (:func:`attention_path`) is ``per_step`` on the CPU, measured (fp32, 2-core AVX2 EPYC,
+training steps timed in alternation): 1.05-1.07x the reference's tokens/s at the smoke and tiny
+presets' shapes and at d8/width 512 on VAR's 680 tokens, 1.18-1.20x on CART's 2066
+(``benchmarks/bench_ar.py --anchor``, docs/history.md 2026-12-07). On CUDA ``per_step`` too, by
+expectation: exactly the allowed pairs through Flash/cuDNN against flex's 128 x 128 tiles (61 %
+of the pairs for CART's 2066, 78 % for VAR's 680) and the masked kernels' 100 %;
+``benchmarks/gpu_check.py``'s table must confirm it. Under bf16 autocast on the CPU both paths
+take the explicit product (``cpu_bf16_explicit``), ``per_step`` per call, unmasked but the first:
+not measured on an avx512_bf16 CPU (emulated bf16 here: 1.03x). Attention dropout and
+``attn_l2_norm``'s scale act in every path as in the reference (dropout: the same rate on each
+probability, other random draws). Sampling (``forward_step``) attends densely to the cache and
+is the same whatever the path.
 
 ``compile`` (:func:`compile_on`): regional ``torch.compile`` of each block for the training
 forward, as torchtitan does; the blocks share one compiled graph (same code, parameters as
-inputs). ``auto`` = on CUDA, off on the CPU (measured slower to pay off there: see
-docs/history.md). Compiled stochastic depth and dropout draw from inductor's generator, not
-torch's: the same rates, other masks. Sampling runs the blocks eagerly.
+inputs). ``auto`` = on CUDA, off on the CPU: there it needs a C compiler and 20-60 s of
+compiling (cold cache) for 1.0-1.14x per step (1.04x at the smoke/tiny shapes), which the
+short CPU runs never earn back. Compiled stochastic depth and dropout draw from inductor's
+generator, not torch's: the same rates, other masks. Sampling runs the blocks eagerly.
 
 Width = 64 * depth and heads = depth by default (VAR's rule).
 
