@@ -11,7 +11,7 @@ STAMP := $(VENV)/.cartlib-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: run test test-avx2 check-full lab publish install data lint format bench clean-runs
+.PHONY: run test test-avx2 check-full lab publish book install data lint format bench clean-runs
 
 run: install data  ## execute the notebook series at $(PRESET) into papermill_runs/$(PRESET)/
 	$(PY) -m cartlib run-series --preset $(PRESET)
@@ -50,6 +50,13 @@ lab: install data  ## open the notebooks in JupyterLab (kernel "cartlib"); runs 
 # defaults into papermill_runs/defaults/ (committed; tests check they match notebooks/).
 publish: install data  ## execute every notebook at its defaults into papermill_runs/defaults/
 	$(PY) -m cartlib run-series --preset defaults
+
+# The executed series as a static site (Jupyter Book 1: Sphinx + MyST-NB), built offline from
+# the copies `make publish` commits: nothing is executed or fetched (tests/test_book.py builds it
+# without a network). Open _build/book/_build/html/index.html.
+BOOK := _build/book
+book: install  ## the notebooks executed at their defaults as a site, in _build/book
+	$(PY) docs/book/build.py $(BOOK)
 
 install: $(STAMP)
 
