@@ -1,5 +1,5 @@
-"""Every full-scale preset trains for the epochs, warm-up, lr and batch that the README's
-"Training recipes" table states (VAR's scripts for var-*, the paper's lr and batch with VAR's
+"""Every full-scale preset trains for the epochs, warm-up, lr and batch that docs/full-scale.md's
+recipe table states (VAR's scripts for var-*, the paper's lr and batch with VAR's
 epochs for cart-*): a changed preset or a changed table fails here."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import pytest
 from cartlib.config import load_preset
 from cartlib.fit import IMAGENET_TRAIN
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+RECIPES = Path(__file__).resolve().parents[1] / "docs" / "full-scale.md"
 ROW = re.compile(
     r"^\| ((?:cart|var)-d[\w-]+) \| (\d+) \| (\d+) \| ([\d.e-]+) \| (\d+) \| [^|]+ \|$", re.M
 )
@@ -21,7 +21,7 @@ ROW = re.compile(
 
 def recipes() -> dict[str, tuple[int, int, float, int]]:
     return {m[1]: (int(m[2]), int(m[3]), float(m[4]), int(m[5])) for m in ROW.finditer(
-        README.read_text())}  # fmt: skip
+        RECIPES.read_text())}  # fmt: skip
 
 
 def full_scale_presets() -> list[str]:
