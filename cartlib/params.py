@@ -1,12 +1,14 @@
 """Notebook parameters: one schema per numbered notebook, checked strictly, mapped to a RunConfig.
 
 Notebooks take their parameters as plain assignments in the cell tagged ``parameters``. The next
-cell calls :func:`notebook_config`, which collects those names from the kernel namespace, checks
-them against the notebook's schema (papermill itself only warns about unknown names) and builds
-the run's :class:`~cartlib.config.RunConfig`: the preset, then every parameter that was given.
-The variables the notebook's own code cells define (``params``, ``cfg``, ``labels``, ...) are
-told apart by IPython's input history, so a notebook can be run, edited and re-run from its
-parameters cell in a live kernel as often as one likes; a misspelt parameter is still refused.
+cell calls :func:`notebook_config`, which collects them, checks them against the notebook's
+schema (papermill itself only warns about unknown names) and builds the run's
+:class:`~cartlib.config.RunConfig`: the preset, then every parameter that was given. In a kernel (JupyterLab, papermill, nbval) the values are read from what the parameters cell
+last set, found in IPython's input history ``In``, not from the variables the kernel holds: the
+notebook's own variables (``run_dir`` made a Path, a loop's ``label``) do not count, a line
+removed from the cell is forgotten, and a typo is refused by its name until it is fixed. So a
+notebook can be run, edited and re-run from its parameters cell, or from the config cell, as
+often as one likes.
 
 A new parameter touches two places: its schema here and the notebook's parameters cell. It maps to
 the config setting of the same name (``dataset`` -> ``data.dataset``, ``depth`` -> ``ar.depth``)
@@ -42,10 +44,13 @@ ALIASES = {
 
 
 _IPYTHON_NAMES = {"In", "Out", "get_ipython", "exit", "quit", "open"}
+_INJECTED = "# Parameters"  # the first line of the cell papermill injects after the parameters cell
+_ARITHMETIC = (ast.Expression, ast.Constant, ast.BinOp, ast.UnaryOp, ast.operator, ast.unaryop,
+               ast.List, ast.Tuple, ast.Dict, ast.Set, ast.Load)  # fmt: skip
 
 
 def _namespace_params(namespace: dict[str, Any]) -> dict[str, Any]:
-    """The plain values a parameters cell (and papermill's injected cell) put in the namespace."""
+    """The plain values in a namespace (no history to read the parameters cell from)."""
     out = {}
     for name, value in namespace.items():
         if name.startswith("_") or name in _IPYTHON_NAMES:
@@ -56,58 +61,81 @@ def _namespace_params(namespace: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def _is_parameters_cell(tree: ast.Module) -> bool:
-    """Whether a cell is plain ``name = literal`` assignments only (a parameters cell, or the one
-    papermill injects)."""
+def _assignments(source: str) -> dict[str, ast.expr] | None:
+    """``name -> expression`` of a cell made of ``name = value`` lines only (comments aside),
+    in order (a name assigned twice: the last); None for any other cell."""
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return None
+    out = {}
     for stmt in tree.body:
-        value = stmt.value if isinstance(stmt, (ast.Assign, ast.AnnAssign)) else None
-        if value is None:
-            return False
-        try:
-            ast.literal_eval(value)
-        except ValueError:
-            return False
-    return True
+        targets = stmt.targets if isinstance(stmt, ast.Assign) else [getattr(stmt, "target", None)]
+        if not isinstance(stmt, (ast.Assign, ast.AnnAssign)) or stmt.value is None:
+            return None
+        if len(targets) != 1 or not isinstance(targets[0], ast.Name):
+            return None
+        out[targets[0].id] = stmt.value
+    return out
 
 
-def code_cell_names(history: list[str]) -> set[str]:
-    """The names the executed code cells in ``history`` (IPython's ``In``) define — every cell
-    but parameters cells: assignment and loop targets, imports, functions and classes."""
-    own: set[str] = set()
-    for source in history:
-        try:
-            tree = ast.parse(source)
-        except SyntaxError:  # a cell IPython could not run either
-            continue
-        if _is_parameters_cell(tree):
-            continue
-        for node in ast.walk(tree):
-            if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
-                own.add(node.id)
-            elif isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
-                own.add(node.name)
-            elif isinstance(node, (ast.Import, ast.ImportFrom)):
-                own.update((a.asname or a.name).split(".")[0] for a in node.names)
-    return own
+def _is_parameters_cell(source: str, names: set[str]) -> bool:
+    """A parameters cell: plain assignments that set one of ``names`` (a typo on one line leaves
+    the others), or papermill's injected cell, whatever names it sets."""
+    found = _assignments(source)
+    return found is not None and (bool(found.keys() & names) or _is_injected(source))
+
+
+def _is_injected(source: str) -> bool:
+    return source.lstrip().startswith(_INJECTED)
+
+
+def _value(name: str, node: ast.expr, namespace: dict[str, Any]) -> Any:
+    """The value a parameters-cell line sets: a literal, or arithmetic on literals (``2 * 150``),
+    computed again; any other expression ran in the kernel moments ago: its value is read there."""
+    if all(isinstance(n, _ARITHMETIC) for n in ast.walk(ast.Expression(node))):
+        code = compile(ast.fix_missing_locations(ast.Expression(node)), "<parameters>", "eval")
+        return eval(code, {"__builtins__": {}})
+    return namespace.get(name)
+
+
+def parameters_from_history(history: list[str], names: set[str], namespace: dict) -> dict | None:
+    """What the parameters cell last set, read from the kernel's input history ``In``: the
+    assignments of the most recent cell run that is a parameters cell (one that sets a name of
+    ``names``), and where that is papermill's injected cell, the parameters cell before it under
+    it. None when the history holds no parameters cell. The kernel's namespace is not consulted
+    (but for a line that is not a plain value), so a notebook variable named like a parameter, a
+    name since removed from the cell or a typo since fixed no longer count."""
+    found = [i for i, s in enumerate(history) if _is_parameters_cell(s, names)]
+    if not found:
+        return None
+    last = found[-1]
+    cells = [history[last]]
+    if _is_injected(history[last]) and last - 1 in found and not _is_injected(history[last - 1]):
+        cells.insert(0, history[last - 1])
+    lines = {k: v for source in cells for k, v in _assignments(source).items()}
+    return {name: _value(name, node, namespace) for name, node in lines.items()}
 
 
 def validate_params(schema: type, namespace: dict[str, Any]) -> Any:
     """Check a notebook's parameters against ``schema`` (a dataclass) and return an instance.
 
-    Unknown names (a typo, or a parameter of another notebook) and wrong types raise a
-    :class:`ConfigError` naming the value and the fix; papermill alone would only warn. Names
-    that the notebook's own code cells define (found in the kernel's input history ``In``) are
-    not parameters and are passed over, so re-running the notebook works.
+    The parameters are those the parameters cell last set, found in the kernel's input history
+    (:func:`parameters_from_history`; JupyterLab's and papermill's kernels keep it); without a
+    history (a plain dict, a script) the plain values of ``namespace``. Unknown names (a typo,
+    or a parameter of another notebook) and wrong types raise a :class:`ConfigError` naming the
+    value and the fix; papermill alone would only warn. A name not set keeps the schema's default.
     """
-    given = _namespace_params(namespace)
     hints = typing.get_type_hints(schema)
     names = {f.name for f in dataclasses.fields(schema)}
     history = namespace.get("In")
-    own = code_cell_names(history) if isinstance(history, list) else set()
+    given = None
+    if isinstance(history, list):
+        given = parameters_from_history(history, names, namespace)
+    if given is None:
+        given = _namespace_params(namespace)
     values = {}
     for key, value in given.items():
-        if key not in names and key in own:
-            continue
         if key not in names:
             raise _unknown(f"parameter of this notebook ({schema.__name__})", key, names)
         values[key] = _check_value(key, value, hints[key])
@@ -390,5 +418,13 @@ def notebook_config(notebook: str, namespace: dict[str, Any]) -> tuple[Any, RunC
     schema, mapping = NOTEBOOKS[notebook]
     params = validate_params(schema, namespace)
     cfg = run_config_from_params(params, mapping)
-    print(hardware.describe(cfg.mixed_precision))
+    if trains(params):
+        print(hardware.describe(cfg.mixed_precision))
     return params, cfg.resolved()
+
+
+def trains(params: Any) -> bool:
+    """Whether the notebook trains at these parameters, so its first line says on what device
+    and in what precision: 01 trains nothing; 03 and 05-07 open cartlib's shipped checkpoints
+    unless ``retrain`` (where none is shipped, ``runs.ensure_*`` says so as it trains)."""
+    return not isinstance(params, DecompositionParams) and getattr(params, "retrain", True)

@@ -1,13 +1,15 @@
 """The nbval pass of `make test`: after each notebook has run top to bottom, its live kernel is
-used once more as a reader uses it in JupyterLab (issue 24): a parameter is changed in the
-parameters cell and the notebook is re-run from there — the config cell must take the change
-although the kernel now holds every variable of the first run — and then a misspelt parameter
-must be refused by name. Four extra items per notebook, run in the notebook's own kernel after
-its last cell; they cost milliseconds (only the parameters and config cells run again).
+used once more as a reader uses it in JupyterLab (issues 24 and 36): the config cell is run again
+on its own (the kernel now holds every variable of the run, some named like parameters: the
+config must still be the parameters cell's), a parameter is changed in the parameters cell and
+the notebook re-run from there (the change takes), the line is removed again (the change is
+forgotten), a misspelt parameter is refused by its name and, once fixed, forgotten. Extra items
+per notebook, run in the notebook's own kernel after its last cell; they cost milliseconds (only
+the parameters and config cells run again).
 
 nbval sends every cell with ``store_history=False``, so its kernel's ``In`` stays empty, where
-JupyterLab's (and papermill's) holds every cell run — the history ``notebook_config`` uses to tell
-a notebook's own variables from its parameters. The cells are sent as JupyterLab sends them here.
+JupyterLab's (and papermill's) holds every cell run — the history ``notebook_config`` reads the
+parameters cell from. The cells are sent as JupyterLab sends them here.
 """
 
 from __future__ import annotations
@@ -30,26 +32,37 @@ def _rerun_items(parent, first_num: int):
     params_cell, config_cell = code[0], code[1]
     names = {n.targets[0].id for n in ast.parse(params_cell).body}
     assert "progress" in names, f"{parent.name}: the edit-and-rerun check changes `progress`"
+    without = "".join(
+        line for line in params_cell.splitlines(keepends=True) if not line.startswith("progress")
+    )
     refused = (
         "from cartlib.config import ConfigError\n\ntry:\n"
         + textwrap.indent(config_cell, "    ")
         + (
             "\nexcept ConfigError as error:\n"
+            '    assert str(error).startswith("unknown parameter"), error\n'
             "    assert \"'progres'\" in str(error) and 'progress' in str(error), error\n"
             "else:\n"
             "    raise AssertionError('a misspelt parameter (progres) was accepted')\n"
-            "finally:\n"
-            "    del progres\n"
         )
     )
+    check = "\nassert params == type(params)(), f'not the committed defaults: {params}'\n"
     steps = [
+        ("rerun the config cell after the run", config_cell + check),
         ("edit: progress = False", params_cell + "\nprogress = False  # the reader's edit\n"),
         (
             "rerun: the change takes",
             config_cell + "\nassert params.progress is False, 'the edited parameter was lost'\n",
         ),
+        ("edit: the progress line removed", without),
+        (
+            "rerun: a removed parameter is forgotten",
+            config_cell + "\nassert params.progress is True, 'a removed line still counts'\n",
+        ),
         ("edit: a misspelt name", params_cell + "\nprogres = False  # a typo\n"),
-        ("rerun: the typo is refused", refused),
+        ("rerun: the typo is refused by its name", refused),
+        ("edit: the typo fixed", params_cell),
+        ("rerun: the fixed typo is forgotten", config_cell + check),
     ]
     for k, (label, source) in enumerate(steps):
         cell = nbformat.v4.new_code_cell(source)
