@@ -38,11 +38,15 @@ def history_figure(
     title: str | None = None,
     smooth=10,
     reference: dict[str, tuple[float, str]] | None = None,
+    y_labels: dict[str, str] | None = None,
 ):
     """Training curves of those ``keys`` present in ``history`` (raw and a moving average);
     ``reference[key] = (value, label)`` draws a labelled horizontal line on that key's panel
-    (e.g. ln V on a cross-entropy: the loss of a uniform guess)."""
+    (e.g. ln V on a cross-entropy: the loss of a uniform guess). The y axes say what each number
+    is (:data:`Y_LABELS`, the transformer's); ``y_labels`` names a key otherwise — the tokenizer's
+    ``loss`` is Eq. 2's weighted sum, not a cross-entropy."""
     keys = [k for k in keys if any(k in h for h in history)]
+    names = {**Y_LABELS, **(y_labels or {})}
     fig, axes = plt.subplots(
         1, len(keys), figsize=(3.2 * len(keys), 2.6), squeeze=False, layout="constrained"
     )
@@ -53,7 +57,7 @@ def history_figure(
             ax.plot(steps[smooth - 1 :], np.convolve(values, np.ones(smooth) / smooth, "valid"))
         ax.set_title(key, fontsize=9)
         ax.set_xlabel("step")
-        ax.set_ylabel(Y_LABELS.get(key, key), fontsize=8)
+        ax.set_ylabel(names.get(key, key), fontsize=8)
         if reference and key in reference:
             value, label = reference[key]
             ax.axhline(value, color="grey", ls=":", lw=1, label=label)
@@ -63,9 +67,15 @@ def history_figure(
     return register(fig)
 
 
-def plot_history(history: list[dict], keys: list[str], title: str | None = None, smooth=10):
+def plot_history(
+    history: list[dict],
+    keys: list[str],
+    title: str | None = None,
+    smooth=10,
+    y_labels: dict[str, str] | None = None,
+):
     """``show(history_figure(...), title)`` in one call (notebook 02 uses it)."""
-    show(history_figure(history, keys, title, smooth), title or "history")
+    show(history_figure(history, keys, title, smooth, y_labels=y_labels), title or "history")
 
 
 def step_bars_figure(schedule, panels: dict[str, list[float]], title: str | None = None):
@@ -189,7 +199,12 @@ def table5_figure(
 def mask_figure(schedule, mask, title: str | None = None):
     """The transformer's attention mask (L, L) bool — True where a query token (row) may attend to
     a key token (column) — drawn black on white with the token maps' boundaries and labels: the
-    block-causal staircase of next-detail prediction (notebook 04)."""
+    block-causal staircase of next-detail prediction (notebook 04).
+
+    One tick per map. The first base scales are a few tokens wide: where a label would cover the
+    one before it, it is set one label length further off the axis on a longer (minor) tick, and
+    where that is taken too it is left out and the label before it names the run
+    ("base 2x2…6x6")."""
     sizes = np.array([s.h * s.w for s in schedule])
     fig, ax = plt.subplots(figsize=(4.6, 4.6), layout="constrained")
     ax.imshow(np.asarray(mask, dtype=float), cmap="Greys", vmin=0, vmax=1, interpolation="nearest")
@@ -197,12 +212,54 @@ def mask_figure(schedule, mask, title: str | None = None):
         ax.axhline(edge, color="tab:orange", lw=0.5)
         ax.axvline(edge, color="tab:orange", lw=0.5)
     centres = sizes.cumsum() - sizes / 2 - 0.5
-    labels = [s.label for s in schedule]
-    ax.set_xticks(centres, labels, rotation=90, fontsize=7)
-    ax.set_yticks(centres, labels, fontsize=7)
+    lanes = _label_lanes(centres / sizes.sum())
+    labels = _run_labels([s.label for s in schedule], lanes)
+    near = [text if lane == 0 else "" for text, lane in zip(labels, lanes, strict=True)]
+    far = [(c, text) for c, text, lane in zip(centres, labels, lanes, strict=True) if lane == 1]
+    ax.set_xticks(centres, near, rotation=90, fontsize=7)
+    ax.set_yticks(centres, near, fontsize=7)
+    if far:  # set off the axis by one label length, on long (minor) ticks
+        length = 4.2 * max(len(text) for text in near) + 6  # points, at fontsize 7
+        for axis in (ax.xaxis, ax.yaxis):  # a minor tick where a major one is: kept, not dropped
+            axis.remove_overlapping_locs = False
+        ax.set_xticks([c for c, _ in far], [t for _, t in far], minor=True, rotation=90)
+        ax.set_yticks([c for c, _ in far], [t for _, t in far], minor=True)
+        ax.tick_params(which="minor", length=length, width=0.6, labelsize=7, color="grey")
     ax.set_xlabel("key token (grouped by token map)")
     ax.set_ylabel("query token (grouped by token map)")
     ax.set_title(
-        title or f"block-causal mask, {sizes.sum()} tokens (black: may attend)", fontsize=9
+        title or f"block-causal mask, {sizes.sum()} tokens\n(black: may attend)", fontsize=9
     )
     return register(fig)
+
+
+def _label_lanes(positions: np.ndarray, gap: float = 0.045, n_lanes: int = 2) -> list[int]:
+    """For tick labels at ``positions`` (fractions of the axis, increasing), the lane each is
+    drawn in (0: next to the axis, 1: a label length further out), the first that keeps ``gap``
+    (about a 7-point label's height on a 4.6-inch figure) from the label before it in that lane;
+    -1 where no lane has room (the label is left out)."""
+    last: list[float] = []  # the position of the latest label in each lane
+    out = []
+    for x in positions:
+        lane = next((k for k, y in enumerate(last) if x - y >= gap), len(last))
+        if lane >= n_lanes:
+            out.append(-1)
+            continue
+        last[lane : lane + 1] = [x]
+        out.append(lane)
+    return out
+
+
+def _run_labels(labels: list[str], lanes: list[int]) -> list[str]:
+    """The labels as drawn: "" where left out (lane -1), and the label before a left-out run
+    names the run, "base 2x2…6x6"."""
+    out = list(labels)
+    for i, lane in enumerate(lanes):
+        if lane >= 0 and i + 1 < len(lanes) and lanes[i + 1] < 0:
+            j = i + 1
+            while j + 1 < len(lanes) and lanes[j + 1] < 0:
+                j += 1
+            out[i] = f"{labels[i]}…{labels[j].split()[-1]}"
+        elif lane < 0:
+            out[i] = ""
+    return out
