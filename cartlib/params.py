@@ -188,7 +188,7 @@ class DecompositionParams:  # 01_mumford_shah_decomposition
 @dataclass
 class TokenizerParams:  # 02_train_tokenizer
     PREFER: ClassVar = ("tokenizer",)
-    preset: str = "smoke"
+    preset: str = "tiny"
     quantizer: str | None = None
     order: int | None = None
     codebook_size: int | None = None
@@ -203,9 +203,10 @@ class TokenizerParams:  # 02_train_tokenizer
     mixed_precision: str | None = None
     dataset: str | None = None
     resolution: int | None = None
-    compare_base_loss: bool = True
+    compare_base_loss: bool = False
     n_show: int = 8
-    run_dir: str = "papermill_runs/smoke"
+    retrain: bool = False
+    run_dir: str = "papermill_runs/tiny"
     progress: bool = True
 
 
@@ -219,7 +220,7 @@ class TokenizationParams:  # 03_tokenization
     n_eval: int = 256
     n_show: int = 4
     retrain: bool = False
-    run_dir: str = "papermill_runs/shipped"
+    run_dir: str = "papermill_runs/tiny"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -233,7 +234,7 @@ class TokenizationParams:  # 03_tokenization
 @dataclass
 class TrainARParams:  # 04_train_ar
     PREFER: ClassVar = ("ar",)
-    preset: str = "smoke"
+    preset: str = "tiny"
     depth: int | None = None
     dataset: str | None = None
     resolution: int | None = None
@@ -251,7 +252,8 @@ class TrainARParams:  # 04_train_ar
     main_process_ip: str = ""
     main_process_port: int = 29500
     rehearse: str = ""
-    run_dir: str = "papermill_runs/smoke"
+    retrain: bool = False
+    run_dir: str = "papermill_runs/tiny"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -280,7 +282,7 @@ class SamplingParams:  # 05_sampling
     adm_reference: str = ""
     fid_per_class: int = 50
     retrain: bool = False
-    run_dir: str = "papermill_runs/shipped"
+    run_dir: str = "papermill_runs/tiny"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -304,7 +306,7 @@ class AblationParams:  # 06_ablation_decomposition_order
     tokenizer_steps: int | None = None
     ar_steps: int | None = None
     retrain: bool = False
-    run_dir: str = "papermill_runs/shipped"
+    run_dir: str = "papermill_runs/tiny"
     progress: bool = True
 
 
@@ -316,7 +318,7 @@ class AttentionParams:  # 07_attention_maps
     label: int = 0
     seed: int = 42
     retrain: bool = False
-    run_dir: str = "papermill_runs/shipped"
+    run_dir: str = "papermill_runs/tiny"
     progress: bool = True
 
 

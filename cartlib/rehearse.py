@@ -53,6 +53,7 @@ from cartlib.cluster import Cluster, node_commands
 from cartlib.config import RunConfig, load_config, save_config
 from cartlib.data.synthetic import make_image_folder
 from cartlib.io import atomic_write_bytes, load_checkpoint, resolve_run_dir
+from cartlib.model.transformer import compile_on
 from cartlib.tokenizer import Tokenizer
 from cartlib.train.checkpoints import (
     HISTORY,
@@ -157,6 +158,9 @@ def shrunk(cfg: RunConfig, fit, mode: str, data_root: Path, n_images: int) -> Ru
     world = machines * ranks
     accumulation = 2 if fit is not None and fit.accumulation > 1 else 1
     ar = {"width": WIDTH, "heads": HEADS, "micro_batch": 1, "batch_size": world * accumulation}
+    # the blocks compiled as the GPUs will run them (ar.compile auto: on CUDA), with the planned
+    # FSDP and checkpointing; quick: eager (compiling costs each process ~30 s on a CPU)
+    ar["compile"] = mode == "full" and compile_on(cfg.ar.compile, "cuda")
     if mode == "quick":
         ar["depth"] = QUICK_DEPTH
     tok = {"channels": 32 if cfg.tokenizer.arch == "var" else 8, "batch_size": world,
@@ -403,8 +407,8 @@ def _rehearse(steps: _Steps, cfg, cluster, run_dir: Path, rdir: Path, mode: str,
                       f"{a.model_width}, the real schedule ({sched.n_steps} maps, L = "
                       f"{sched.seq_len}) and {a.steps:,} steps; micro-batch 1 x "
                       f"{a.batch_size // rcfg.num_processes} accumulation, "
-                      f"{'FSDP2' if a.fsdp else 'DDP'}, checkpointing {a.grad_ckpt}, precision "
-                      f"{rcfg.precision}")  # fmt: skip
+                      f"{'FSDP2' if a.fsdp else 'DDP'}, checkpointing {a.grad_ckpt}, compiled "
+                      f"blocks {a.compile}, precision {rcfg.precision}")  # fmt: skip
     commands = lambda stage: machine_commands(rcfg, mode, stage, config, rdir)  # noqa: E731
 
     with steps.step("train-tokenizer") as row:
