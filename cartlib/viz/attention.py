@@ -7,6 +7,7 @@ from __future__ import annotations
 import matplotlib.pyplot as plt
 
 from cartlib.viz.core import bare, frame, register, to_image
+from cartlib.viz.images import step_labels
 
 MODEL_COLORS = {"CART": "goldenrod", "VAR": "tab:red"}
 
@@ -31,6 +32,7 @@ def figure10(records: dict[str, dict], size: float = 1.3):
     )
     for row, (name, r) in enumerate(records.items()):
         sched = r["schedule"]
+        names = step_labels(sched)
         for m in range(cols):
             image_ax, heat_ax = axes[2 * row, m], axes[2 * row + 1, m]
             bare(image_ax)
@@ -38,7 +40,7 @@ def figure10(records: dict[str, dict], size: float = 1.3):
             if m >= len(r["heat"]):
                 continue
             image_ax.imshow(to_image(r["steps"][m]), cmap="gray", vmin=0, vmax=1)
-            image_ax.set_title(sched[m].label, fontsize=7)
+            image_ax.set_title(names[m], fontsize=7)
             heat = r["heat"][m].cpu().numpy()  # (h_M, w_M)
             top = float(heat.max())
             shown = heat_ax.imshow(heat / (top or 1.0), cmap="magma", vmin=0, vmax=1)
@@ -58,13 +60,17 @@ def figure10(records: dict[str, dict], size: float = 1.3):
 
 def attention_profile_figure(profiles: dict[str, dict[str, list[float]]], schedules: dict):
     """Per step and model: the attention distance (mean query-key distance weighted by
-    attention, in image sides) and the share of attention on the step's own token map, with
-    the share uniform attention would give (dashed). Detail steps are shaded."""
+    attention, in image sides) and the share of attention on the step's own token map, each with
+    what uniform attention over the allowed keys would give (dashed; the distance's when the
+    profile holds ``uniform_distance``). Detail steps are shaded."""
     fig, (dist_ax, share_ax) = plt.subplots(1, 2, figsize=(10, 3.2), layout="constrained")
     for name, prof in profiles.items():
         sched, color = schedules[name], MODEL_COLORS.get(name)
         steps = range(1, len(prof["distance"]) + 1)
         dist_ax.plot(steps, prof["distance"], "o-", color=color, label=name)
+        if "uniform_distance" in prof:
+            uniform = prof["uniform_distance"]
+            dist_ax.plot(steps, uniform, "--", color=color, lw=1, label=f"{name}, uniform")
         share_ax.plot(steps, prof["self_share"], "o-", color=color, label=name)
         share_ax.plot(
             steps, prof["uniform_share"], "--", color=color, lw=1, label=f"{name}, uniform"

@@ -8,6 +8,7 @@ registered :class:`~matplotlib.figure.Figure`; notebooks display it with :func:`
 from __future__ import annotations
 
 import math
+import textwrap
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -38,10 +39,27 @@ def image_grid_figure(
     for j, label in enumerate(col_labels or []):
         axes[0, j].set_title(label, fontsize=9)
     for i, label in enumerate(row_labels or []):
-        axes[i, 0].set_ylabel(label, fontsize=9)
+        axes[i, 0].set_ylabel(_fit_label(label, size, 9), fontsize=9)
     if title:
         fig.suptitle(title)
     return register(fig)
+
+
+def _fit_label(label: str, size: float, fontsize: float) -> str:
+    """A row label broken into lines no longer than a row is high (size inches; a character is
+    about 0.6 x the font size wide), so rotated labels of neighbouring rows do not overlap."""
+    width = max(4, int(size * 72 / (0.6 * fontsize)))
+    lines = label.split("\n")
+    return "\n".join(textwrap.fill(line, width, break_on_hyphens=False) for line in lines)
+
+
+def step_labels(schedule) -> list[str]:
+    """Column labels of a schedule's steps: ``base 4x4`` and ``D3`` where the schedule has a
+    base/detail split (CART), ``scale 4x4`` where it has none (order 0, VAR: its maps are scales
+    of the image itself, not of a base)."""
+    if schedule.n_factors:
+        return [s.label for s in schedule]
+    return [f"scale {s.h}x{s.w}" for s in schedule]
 
 
 def show_grid(images: torch.Tensor, nrow: int = 8, title: str | None = None, **kwargs) -> None:
