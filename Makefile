@@ -11,7 +11,7 @@ STAMP := $(VENV)/.cartlib-installed
 FMNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 PYTEST_ARGS ?=
 
-.PHONY: run test test-avx2 check-full lab publish book install data lint format bench clean-runs
+.PHONY: run test test-avx2 test-ui check-full lab publish book install data lint format bench clean-runs
 
 run: install data  ## execute the notebook series at $(PRESET) into papermill_runs/$(PRESET)/
 	$(PY) -m cartlib run-series --preset $(PRESET)
@@ -37,6 +37,18 @@ test: install data  ## unit tests + every notebook at its committed defaults (nb
 AVX2_ONLY := ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2
 test-avx2: install data  ## make test as an AVX2-only CPU runs it
 	$(AVX2_ONLY) $(MAKE) test
+
+# A student's walk through 01, 05 and 07 in JupyterLab, driven by headless Chromium (Debian's
+# package; Playwright from PyPI drives it, never downloading a browser): open, Run All, edit the
+# parameters cell, re-run from there and from the config cell, move a panel's slider. Minutes
+# (01 trains nothing but decomposes for about a minute); not part of `test`.
+test-ui: install data  ## browser walk-through of notebooks 01, 05, 07 in JupyterLab
+	@$(PY) -c "import playwright" 2>/dev/null || $(PY) -m pip install --quiet -e '.[ui]'
+	@if ! command -v chromium >/dev/null; then \
+		if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo -n"; fi; \
+		$$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq chromium >/dev/null; \
+	fi
+	$(PY) -m pytest tests/ui -p no:cacheprovider $(PYTEST_ARGS)
 
 # Every stage of cart-d16-256 and var-d16-256 at full shape (256², VAR's VQ-VAE, d16), 2 steps
 # each, on the CPU; the deeper presets on the meta device. Minutes and ~15 GB of RAM: not in `test`.

@@ -3,7 +3,9 @@
 Notebooks take their parameters as plain assignments in the cell tagged ``parameters``. The next
 cell calls :func:`notebook_config`, which collects them, checks them against the notebook's
 schema (papermill itself only warns about unknown names) and builds the run's
-:class:`~cartlib.config.RunConfig`: the preset, then every parameter that was given. In a kernel (JupyterLab, papermill, nbval) the values are read from what the parameters cell
+:class:`~cartlib.config.RunConfig`: the preset, then every parameter that was given.
+
+In a kernel (JupyterLab, papermill, nbval) the values are read from what the parameters cell
 last set, found in IPython's input history ``In``, not from the variables the kernel holds: the
 notebook's own variables (``run_dir`` made a Path, a loop's ``label``) do not count, a line
 removed from the cell is forgotten, and a typo is refused by its name until it is fixed. So a
@@ -427,6 +429,7 @@ def notebook_config(notebook: str, namespace: dict[str, Any]) -> tuple[Any, RunC
 
 def trains(params: Any) -> bool:
     """Whether the notebook trains at these parameters, so its first line says on what device
-    and in what precision: 01 trains nothing; 03 and 05-07 open cartlib's shipped checkpoints
-    unless ``retrain`` (where none is shipped, ``runs.ensure_*`` says so as it trains)."""
+    and in what precision: 01 trains nothing; a notebook with a ``retrain`` parameter opens
+    cartlib's shipped checkpoints unless it is set (where none is shipped, ``runs.ensure_*``
+    says so as it trains); the others train what they show."""
     return not isinstance(params, DecompositionParams) and getattr(params, "retrain", True)

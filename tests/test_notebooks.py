@@ -2,14 +2,18 @@
 that validate them. (Executing them is the nbval pass of `make test`.)"""
 
 import ast
+import base64
 import dataclasses
+import io
 import json
+import re
 from pathlib import Path
 
 import pytest
 
 from cartlib.config import ConfigError
-from cartlib.params import NOTEBOOKS, notebook_config
+from cartlib.params import NOTEBOOKS, notebook_config, trains
+from cartlib.series import language_info, normalise_metadata, publish_outputs, shrink_outputs
 
 ROOT = Path(__file__).resolve().parents[1]
 PATHS = sorted((ROOT / "notebooks").glob("[0-9][0-9]_*.ipynb"))
@@ -31,6 +35,14 @@ def test_notebook_is_committed_clean(path):
             assert c.get("outputs") == [], f"{path.name}: a cell has outputs; clear them"
             assert c.get("execution_count") is None, f"{path.name}: execution counts left"
     assert nb["metadata"]["kernelspec"]["name"] == "cartlib"
+    info = nb["metadata"].get("language_info", {})
+    expected = {k: v for k, v in language_info().items() if k != "version"}
+    assert {k: v for k, v in info.items() if k != "version"} == expected and re.fullmatch(
+        r"3\.\d+\.\d+", info.get("version", "")
+    ), (
+        f"{path.name}: language_info is not what the kernel reports, so JupyterLab marks the "
+        "notebook modified on open: run cartlib.series.normalise_metadata on it"
+    )
 
 
 @pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
@@ -202,27 +214,182 @@ def test_the_published_executed_copy_is_this_notebook_run_without_errors(path):
     assert copy.stat().st_size < 2_000_000, f"{copy.name}: over 2 MB (series.shrink_outputs)"
 
 
-def test_shrink_outputs_stores_a_large_figure_as_jpeg_and_drops_widget_state(tmp_path):
-    import base64
-    import io
+# ------------------------------------------------------- published copies read well (issue 36)
+# A published copy has no progress-bar fragment, widget, widget repr or machine path, shows its
+# figures at >= 150 dpi (PNG; JPEG only for photographs), and every comparison it prints holds.
+# They are rebuilt by `make publish` (series.publish_outputs runs on every executed copy).
+MACHINE_PATH = re.compile(r"(?<![\w.~>])/(?:home|root|tmp|work|Users|private|mnt|scratch)/")
+NUMBER = r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?"
+CHAIN = re.compile(rf"{NUMBER}(?:\s+(?:<=|>=|<|>|=)\s+{NUMBER})+")
 
+
+def published_texts(path):
+    """(cell index, text) of every printed output and text representation of a published copy."""
+    for i, cell in enumerate(json.loads((PUBLISHED / path.name).read_text())["cells"]):
+        for out in cell.get("outputs", []):
+            if out["output_type"] == "stream":
+                yield i, "".join(out["text"])
+            for key in ("text/plain", "text/markdown", "text/html"):
+                if key in out.get("data", {}):
+                    yield i, "".join(out["data"][key])
+            if out["output_type"] == "error":
+                yield i, "\n".join(out["traceback"])
+
+
+def debris(path) -> list[str]:
+    found = []
+    for i, text in published_texts(path):
+        for bad in ("%|", "VBox(children=", "HBox(", "Output()"):
+            if bad in text:
+                found.append(f"cell {i}: {bad!r} in {text[:80]!r}")
+        found += [f"cell {i}: machine path in {text[:120]!r}" for _ in MACHINE_PATH.finditer(text)]
+    return found
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_the_published_copy_has_no_progress_bar_widget_or_machine_path(path):
+    copy = json.loads((PUBLISHED / path.name).read_text())
+    widgets = [c for c in copy["cells"] for o in c.get("outputs", [])
+               if "application/vnd.jupyter.widget-view+json" in o.get("data", {})]  # fmt: skip
+    assert not widgets, f"{path.name}: a widget a page without a kernel cannot show"
+    assert "widgets" not in copy["metadata"]
+    assert not debris(path), "\n".join(debris(path)[:10])
+    meta = copy["metadata"].get("papermill", {})
+    assert not any(MACHINE_PATH.search(str(v)) for v in meta.values())
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_every_comparison_the_published_copy_prints_holds(path):
+    """ "a < b < c" printed by a notebook must be true of the numbers as printed (a notebook
+    computes its signs with cartlib.viz.core.compare rather than joining with " < ")."""
+    ops = {"<": float.__lt__, ">": float.__gt__, "<=": float.__le__, ">=": float.__ge__,
+           "=": float.__eq__}  # fmt: skip
+    false = []
+    for i, text in published_texts(path):
+        for chain in CHAIN.finditer(text):
+            parts = chain.group().split()
+            for a, op, b in zip(parts[::2], parts[1::2], parts[2::2]):
+                if not ops[op](float(a), float(b)):
+                    false.append(f"cell {i}: {a} {op} {b} in {chain.group()!r}")
+    assert not false, f"{path.name} prints false comparisons: {false}"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_the_precision_line_is_printed_only_where_the_notebook_trains(path):
+    schema, _ = NOTEBOOKS[path.stem]
+    printed = any("training on " in t for _, t in published_texts(path))
+    assert printed == trains(schema()), f"{path.name}: 'training on ...' line (params.trains)"
+
+
+@pytest.mark.parametrize("path", PATHS, ids=lambda p: p.stem)
+def test_published_figures_are_sharp(path):
+    """Figures are rendered at >= 150 dpi (viz.core.FIGURE_DPI) and shown at their own size (the
+    width in the output's metadata); a JPEG only where the figure shows photographs."""
+    from PIL import Image
+
+    copy = json.loads((PUBLISHED / path.name).read_text())
+    for i, cell in enumerate(copy["cells"]):
+        for out in cell.get("outputs", []):
+            for kind in ("image/png", "image/jpeg"):
+                if kind not in out.get("data", {}):
+                    continue
+                size = out.get("metadata", {}).get(kind, {})
+                assert "width" in size, f"{path.name} cell {i}: a figure without display size"
+                raw = base64.b64decode(out["data"][kind])
+                width = Image.open(io.BytesIO(raw)).size[0]
+                assert width >= 1.45 * size["width"], f"{path.name} cell {i}: under 150 dpi"
+
+
+def test_publish_outputs_leaves_what_a_reader_without_a_kernel_needs(tmp_path):
+    """A papermill run's debris, as nbclient saves it: a tqdm widget (its final labels in the
+    widget state), tqdm's text in a stream, a live panel (its first image in the bundle, or
+    only in the widget state), machine paths in text, a traceback and papermill's metadata."""
+    from cartlib.viz.core import PANEL_NOTE
+
+    def widget(model, text="", **data):
+        view = {"model_id": model, "version_major": 2, "version_minor": 0}
+        return {"output_type": "display_data", "metadata": {},
+                "data": {"application/vnd.jupyter.widget-view+json": view,
+                         "text/plain": text, **data}}  # fmt: skip
+
+    def model(name, **state):
+        return {"model_name": name, "model_module": "@jupyter-widgets/controls", "state": state}
+
+    png = _png(8)
+    state = {
+        "bar": model("HBoxModel", children=["IPY_MODEL_l", "IPY_MODEL_p", "IPY_MODEL_r"]),
+        "l": model("HTMLModel", value="train (order 3):\u2007100%"),
+        "p": model("FloatProgressModel", value=150, max=150, bar_style="success"),
+        "r": model("HTMLModel", value="\u2007150/150\u2007[00:58&lt;00:00,\u2007 2.57it/s]"),
+        "panel": model("VBoxModel", children=["IPY_MODEL_row", "IPY_MODEL_img"]),
+        "row": model("HBoxModel", children=[]),
+        "img": {**model("ImageModel"), "buffers": [{"path": ["value"], "data": png,
+                                                    "encoding": "base64"}]},
+    }  # fmt: skip
+    root, home = str(ROOT), str(Path.home())
+    outputs = [
+        widget("bar", "train (order 3):   0%|          | 0/150 [00:00<?, ?it/s]"),
+        widget("gone", "extract:   0%|          | 0/512 [00:00<?, ?img/s]"),
+        {"output_type": "stream", "name": "stderr",
+         "text": "decompose:   0%|  | 0/8 [00:00<?, ?img/s]\rdecompose: 100%|##| 8/8 "
+                 "[01:02<00:00,  7.9img/s]\nnext line\n"},
+        {"output_type": "stream", "name": "stdout",
+         "text": f"saved {root}/papermill_runs/smoke/results.json and {home}/.cache/x.pth\n"
+                 "/tmp/ipykernel_1/2.py:1: UserWarning\n"},
+        widget("other", "VBox(children=(HBox(children=(IntSlider(...", **{"image/png": png}),
+        widget("panel", "VBox(children=(HBox(children=(Dropdown(..."),
+        {"output_type": "error", "ename": "E", "evalue": "",
+         "traceback": [f"File {root}/cartlib/x.py, line 1"]},
+    ]  # fmt: skip
+    nb = {"cells": [{"cell_type": "code", "source": "", "metadata": {}, "execution_count": 1,
+                     "outputs": outputs}],
+          "metadata": {"widgets": {"application/vnd.jupyter.widget-state+json": {"state": state}},
+                       "papermill": {"input_path": f"{root}/notebooks/x.ipynb"}},
+          "nbformat": 4, "nbformat_minor": 4}  # fmt: skip
+    path = tmp_path / "copy.ipynb"
+    path.write_text(json.dumps(nb))
+    counts = publish_outputs(path, ROOT)
+    out = json.loads(path.read_text())
+    texts = [o.get("text") or o["data"].get("text/plain") for o in out["cells"][0]["outputs"]
+             if o["output_type"] != "error"]  # fmt: skip
+    assert texts[:4] == [
+        "train (order 3): 150/150 in 58 s (2.57 it/s)\n",
+        "extract: 512 img (its final state was not saved)\n",
+        "decompose: 8/8 in 62 s (7.9 img/s)\nnext line\n",
+        "saved papermill_runs/smoke/results.json and ~/.cache/x.pth\n<tmp>/ipykernel_1/2.py:1: "
+        "UserWarning\n",
+    ]
+    assert texts[4:] == [PANEL_NOTE] * 4  # each panel: the note, then its image
+    images = [o["data"].get("image/png") for o in out["cells"][0]["outputs"][5:9:2]]
+    assert images == [png, png]
+    assert out["cells"][0]["outputs"][-1]["traceback"] == ["File cartlib/x.py, line 1"]
+    assert out["metadata"]["papermill"]["input_path"] == "notebooks/x.ipynb"
+    assert "widgets" not in out["metadata"]
+    assert counts == {"progress bars": 3, "panels": 2, "paths": 4}
+
+
+def _png(size, seed=0):
     import numpy as np
     from PIL import Image
 
-    from cartlib.series import shrink_outputs
+    buf = io.BytesIO()
+    noise = np.random.default_rng(seed).integers(0, 255, (size, size, 3), dtype=np.uint8)
+    Image.fromarray(noise).save(buf, format="PNG")
+    return base64.b64encode(buf.getvalue()).decode()
 
-    def png(size):
-        buf = io.BytesIO()
-        noise = np.random.default_rng(0).integers(0, 255, (size, size, 3), dtype=np.uint8)
-        Image.fromarray(noise).save(buf, format="PNG")
-        return base64.b64encode(buf.getvalue()).decode()
 
-    big, small = png(400), png(16)
+def test_shrink_outputs_stores_only_a_large_photograph_as_jpeg_and_drops_widget_state(tmp_path):
+    from PIL import Image
+
+    big, small = _png(400), _png(16)
+    photo = {"image/png": {"width": 267, "height": 267, "photo": True}}
     nb = {
         "cells": [
             {"cell_type": "code", "source": "", "metadata": {}, "execution_count": 1,
-             "outputs": [{"output_type": "display_data", "metadata": {},
+             "outputs": [{"output_type": "display_data", "metadata": photo,
                           "data": {"image/png": big, "text/plain": "<Figure>"}},
+                         {"output_type": "display_data", "metadata": {},
+                          "data": {"image/png": big}},
                          {"output_type": "display_data", "metadata": {},
                           "data": {"image/png": small}}]},
         ],
@@ -232,9 +399,50 @@ def test_shrink_outputs_stores_a_large_figure_as_jpeg_and_drops_widget_state(tmp
     path.write_text(json.dumps(nb))
     before, after = shrink_outputs(path)
     out = json.loads(path.read_text())
-    first, second = out["cells"][0]["outputs"]
-    assert set(first["data"]) == {"image/jpeg", "text/plain"} and second["data"] == {
-        "image/png": small
-    }
+    first, detail, tiny = out["cells"][0]["outputs"]
+    assert set(first["data"]) == {"image/jpeg", "text/plain"}
+    assert first["metadata"] == {"image/jpeg": {"width": 267, "height": 267}}
+    assert detail["data"] == {"image/png": big} and tiny["data"] == {"image/png": small}
     assert "widgets" not in out["metadata"] and after < before
     Image.open(io.BytesIO(base64.b64decode(first["data"]["image/jpeg"]))).verify()
+
+
+def test_normalise_metadata_writes_what_the_kernel_reports_and_nothing_else(tmp_path):
+    source = ROOT / "notebooks" / "07_attention_maps.ipynb"
+    nb = json.loads(source.read_text())
+    nb["metadata"]["language_info"] = {"name": "python"}  # as the notebooks were committed
+    path = tmp_path / source.name
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    assert normalise_metadata(path) and not normalise_metadata(path)
+    out = json.loads(path.read_text())
+    assert out["cells"] == nb["cells"]
+    assert out["metadata"]["language_info"] == language_info()
+    assert out["metadata"]["kernelspec"]["name"] == "cartlib"
+
+
+def test_figures_are_rendered_sharp_and_photographs_marked():
+    import matplotlib
+
+    matplotlib.use("agg")
+    import matplotlib.pyplot as plt
+    import numpy as np
+
+    from cartlib.viz.core import FIGURE_DPI, compare, figure_png, photo_like
+
+    fig, axes = plt.subplots(1, 4, figsize=(4, 1), dpi=100)
+    for ax in axes:
+        ax.imshow(np.random.default_rng(0).random((8, 8, 3)))
+    data, meta = figure_png(fig)
+    from PIL import Image
+
+    width = Image.open(io.BytesIO(data)).size[0]
+    assert FIGURE_DPI >= 150 and abs(width * 100 / FIGURE_DPI - meta["width"]) <= 1
+    assert meta.get("photo") is True and photo_like(fig)
+    fig.detail_gain = 12.0  # an amplified detail strip: never a JPEG
+    assert not photo_like(fig)
+    axes[0].images[0].set_data(np.zeros((8, 8)))  # a colour-mapped panel
+    del fig.detail_gain
+    assert not photo_like(fig)
+    plt.close(fig)
+    assert compare(0.385, 0.474, 0.473, decimals=3) == "0.385 < 0.474 > 0.473"
+    assert compare(2.0, 2.0, 1.004, 1.001, decimals=2) == "2.000 = 2.000 > 1.004 > 1.001"
