@@ -65,7 +65,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from cartlib.config import load_preset
 from cartlib.model import build_model
-from cartlib.model.transformer import Block
+from cartlib.model.transformer import Block, BlockCausal
 from cartlib.perceptual import lpips_model
 from cartlib.schedule import TokenSchedule
 from cartlib.tokenizer import Tokenizer
@@ -236,8 +236,6 @@ def block_bytes_per_token_width(
     if attention == "sdpa":
         mask = schedule.attn_mask(device)
     elif attention == "per_step":
-        from cartlib.model.transformer import BlockCausal
-
         mask = BlockCausal.build(schedule, attention, device)
     else:
         raise ValueError(f"attention={attention!r}: measure 'sdpa' or 'per_step' on the CPU")
