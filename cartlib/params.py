@@ -106,8 +106,10 @@ def parameters_from_history(history: list[str], names: set[str], namespace: dict
     assignments of the most recent cell run that is a parameters cell (one that sets a name of
     ``names``), and where that is papermill's injected cell, the parameters cell before it under
     it. None when the history holds no parameters cell. The kernel's namespace is not consulted
-    (but for a line that is not a plain value), so a notebook variable named like a parameter, a
-    name since removed from the cell or a typo since fixed no longer count."""
+    (but for a line that is not a plain value, and a parameter the config cell itself derives
+    before this call, as 04's ``preset = launch.preset_for_depth(preset, depth)``), so a notebook
+    variable named like a parameter, a name since removed from the cell or a typo since fixed no
+    longer count."""
     found = [i for i, s in enumerate(history) if _is_parameters_cell(s, names)]
     if not found:
         return None
@@ -116,7 +118,26 @@ def parameters_from_history(history: list[str], names: set[str], namespace: dict
     if _is_injected(history[last]) and last - 1 in found and not _is_injected(history[last - 1]):
         cells.insert(0, history[last - 1])
     lines = {k: v for source in cells for k, v in _assignments(source).items()}
-    return {name: _value(name, node, namespace) for name, node in lines.items()}
+    values = {name: _value(name, node, namespace) for name, node in lines.items()}
+    derived = _derived_before_the_call(history[-1]) & names if history else set()
+    return {**values, **{name: namespace[name] for name in derived if name in namespace}}
+
+
+def _derived_before_the_call(source: str) -> set[str]:
+    """The names the config cell (the cell running, ``In[-1]``) assigns before it calls
+    :func:`notebook_config`."""
+    try:
+        body = ast.parse(source).body
+    except SyntaxError:
+        return set()
+    out: set[str] = set()
+    for stmt in body:
+        calls = [n for n in ast.walk(stmt) if isinstance(n, ast.Call)]
+        if any(getattr(c.func, "id", None) == "notebook_config" for c in calls):
+            return out
+        if isinstance(stmt, ast.Assign):
+            out.update(t.id for t in stmt.targets if isinstance(t, ast.Name))
+    return set()  # not the config cell
 
 
 def validate_params(schema: type, namespace: dict[str, Any]) -> Any:

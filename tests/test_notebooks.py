@@ -83,7 +83,10 @@ def test_a_notebook_that_ran_takes_its_parameters_from_the_parameters_cell(path)
     fixed. (The nbval pass does the same in a live kernel.)"""
     code = ["".join(c["source"]) for c in cells(path) if c["cell_type"] == "code"]
     schema, _ = NOTEBOOKS[path.stem]
+    assigned = [n for n in ast.parse(code[1]).body if isinstance(n, ast.Assign)]
+    derived = {t.id for n in assigned for t in n.targets if isinstance(t, ast.Name)}  # 04: preset
     shadowed = {f.name: object() for f in dataclasses.fields(schema)}  # wrong type for each
+    shadowed.update({f.name: f.default for f in dataclasses.fields(schema) if f.name in derived})
     ran = ["", *code]
 
     def rerun(*edits: str):
@@ -97,6 +100,26 @@ def test_a_notebook_that_ran_takes_its_parameters_from_the_parameters_cell(path)
         rerun(code[0] + "\nprogres = False\n")
     assert rerun(code[0] + "\nprogres = False\n", code[1], code[0]) == schema()
     assert rerun(code[0] + "\nprogress = not True  # computed, not a literal\n").progress is False
+
+
+def test_a_parameter_the_config_cell_derives_before_the_call_is_kept():
+    """04's config cell maps `-p depth 30` on the small default preset to cart-d30-256
+    (``preset = launch.preset_for_depth(preset, depth)``) before it calls notebook_config: that
+    one value comes from the kernel, where the config cell just put it."""
+    params_cell = 'preset = "tiny"\ndepth = None\nprogress = True\n'
+    config_cell = (
+        "preset = launch.preset_for_depth(preset, depth)\n"
+        'params, cfg = notebook_config("04_train_ar", globals())\n'
+    )
+    history = ["", params_cell, "# Parameters\ndepth = 30\n", config_cell]
+    namespace = {"In": history, "preset": "cart-d30-256", "depth": 30, "progress": "stale"}
+    params, cfg = notebook_config("04_train_ar", namespace)
+    assert (params.preset, params.depth, params.progress, cfg.name) == (
+        "cart-d30-256",
+        30,
+        True,
+        "cart-d30-256",
+    )
 
 
 def test_papermill_injected_parameters_override_the_parameters_cell():
