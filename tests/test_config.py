@@ -37,7 +37,7 @@ def test_notebook_parameters_are_validated_like_papermill_cannot():
         notebook_config("01_mumford_shah_decomposition", {"order": "2"})
     params, cfg = notebook_config("04_train_ar", {"depth": 4, "steps": 7, "print": print})
     assert cfg.ar.depth == 4 and cfg.ar.steps == 7 and params.depth == 4
-    assert cfg.tokenizer == load_preset("smoke").tokenizer  # nothing else changed
+    assert cfg.tokenizer == load_preset("tiny").tokenizer  # nothing else changed (the default)
 
 
 def test_series_parameters_are_strict_per_notebook():

@@ -12,7 +12,7 @@
 """
 
 from cartlib.viz.attention import attention_profile_figure, figure10, query_attention_figure
-from cartlib.viz.core import figure_panel, register, save_open_figures, show, to_image
+from cartlib.viz.core import compare, figure_panel, register, save_open_figures, show, to_image
 from cartlib.viz.images import (
     compare_figure,
     decomposition_figure,
@@ -35,6 +35,7 @@ from cartlib.viz.plots import (
 )
 
 __all__ = [
+    "compare",
     "attention_profile_figure",
     "compare_figure",
     "decomposition_figure",
