@@ -23,6 +23,7 @@ import dataclasses
 import html
 import io
 import json
+import os
 import platform
 import re
 import tempfile
@@ -32,6 +33,7 @@ from pathlib import Path
 import yaml
 from PIL import Image
 
+from cartlib import hardware
 from cartlib.config import ConfigError
 from cartlib.io import project_root, resolve_run_dir
 from cartlib.params import NOTEBOOKS
@@ -294,6 +296,43 @@ def _write(path: Path, nb: dict) -> None:
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
 
 
+RUNTIMES = "runtimes.json"  # beside a run's executed copies: how long each took, on what CPU
+RUNTIME_LINE = re.compile(r"Runtime at the defaults:[^*\n\"]*")
+
+
+def cpu_kind() -> str:
+    """This CPU as the runtime tables name it: ``avx512_bf16`` where bf16 is native, else the
+    kernels torch uses (``AVX2``), with the precision the notebooks then train in."""
+    native, _ = hardware.cpu_bf16()
+    if native:
+        return "avx512_bf16 (bf16)"
+    return f"{hardware.cpu_facts()['capability']} only (fp32)"
+
+
+def record_runtime(path: Path, seconds: float) -> dict:
+    """After executing ``path``: its wall time into ``runtimes.json`` beside it (by notebook,
+    with the CPU and the date), and into the copy's header line "Runtime at the defaults: ...",
+    which points to the README's table for other machines. -> the runtimes."""
+    table = path.parent / RUNTIMES
+    runtimes = json.loads(table.read_text()) if table.exists() else {}
+    kind, day = cpu_kind(), time.strftime("%Y-%m-%d")
+    runtimes[path.stem] = {"seconds": round(seconds), "cpu": kind, "cores": os.cpu_count(),
+                           "date": day}  # fmt: skip
+    table.write_text(json.dumps(runtimes, indent=1, sort_keys=True) + "\n")
+    nb = json.loads(path.read_text())
+    line = (f"Runtime at the defaults: {seconds:.0f} s for this copy ({kind}, "
+            f"{os.cpu_count()} cores, {day}); other machines: "
+            "[README](../README.md#the-notebooks)")  # fmt: skip
+    for cell in nb["cells"]:
+        if cell["cell_type"] == "markdown":
+            text = "".join(cell["source"])
+            if RUNTIME_LINE.search(text):
+                cell["source"] = RUNTIME_LINE.sub(line, text, count=1)
+                break
+    path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")
+    return runtimes
+
+
 def run_series(preset: str = "tiny", only: list[str] | None = None) -> int:
     import papermill as pm
 
@@ -331,6 +370,7 @@ def run_series(preset: str = "tiny", only: list[str] | None = None) -> int:
         )
         timings[name] = time.time() - t0
         publish_outputs(out, root)
+        record_runtime(out, timings[name])
         print(f"   done in {timings[name]:.0f} s -> {out}", flush=True)
     print("\nExecuted notebooks:", out_dir)
     common_dir = (spec.get("common") or {}).get("run_dir")

@@ -9,6 +9,7 @@ import json
 import re
 from pathlib import Path
 
+import nbformat
 import pytest
 
 from cartlib.config import ConfigError
@@ -469,3 +470,33 @@ def test_figures_are_rendered_sharp_and_photographs_marked():
     plt.close(fig)
     assert compare(0.385, 0.474, 0.473, decimals=3) == "0.385 < 0.474 > 0.473"
     assert compare(2.0, 2.0, 1.004, 1.001, decimals=2) == "2.000 = 2.000 > 1.004 > 1.001"
+
+
+def test_a_run_records_each_notebooks_runtime_in_its_copy_and_beside_it(tmp_path):
+    """Issue 36: the per-notebook runtime, measured by `make publish`, in the executed copy's
+    header and in runtimes.json (the README's table quotes it)."""
+    from cartlib.series import RUNTIMES, record_runtime
+
+    nb = nbformat.v4.new_notebook()
+    header = "# 05\n\n*Runtime at the defaults: see the table.*"
+    nb.cells = [nbformat.v4.new_markdown_cell(header)]
+    path = tmp_path / "05_sampling.ipynb"
+    nbformat.write(nb, path)
+    runtimes = record_runtime(path, 42.4)
+    assert runtimes["05_sampling"]["seconds"] == 42
+    assert json.loads((tmp_path / RUNTIMES).read_text()) == runtimes
+    header = nbformat.read(path, as_version=4).cells[0].source
+    assert "Runtime at the defaults: 42 s for this copy (" in header and "README" in header
+
+
+def test_the_readme_runtime_table_quotes_the_published_runtimes():
+    """Every runtime the README's notebook table gives for this release's published copies is the
+    one `make publish` recorded in papermill_runs/defaults/runtimes.json."""
+    table = ROOT / "papermill_runs" / "defaults" / "runtimes.json"
+    if not table.exists():
+        pytest.skip("no published runtimes yet (make publish writes them)")
+    runtimes = json.loads(table.read_text())
+    readme = (ROOT / "README.md").read_text()
+    for name, entry in runtimes.items():
+        row = next(line for line in readme.splitlines() if line.startswith(f"| {name[:2]} |"))
+        assert f"{entry['seconds']} s" in row, (name, entry, row)
