@@ -91,9 +91,10 @@ class Plan:
 
 
 def preset_for_depth(preset: str, depth: int | None) -> str:
-    """``-p depth 30`` on the default smoke preset means CART-d30 (cart-d30-256), not a smoke
-    run with 30 blocks: a depth with a paper preset selects that preset."""
-    if depth in DEPTH_PRESETS and preset == "smoke":
+    """``-p depth 30`` on a small preset (notebook 04's default ``tiny``, or ``smoke``) means
+    CART-d30 (cart-d30-256), not a small run with 30 blocks: a depth with a paper preset selects
+    that preset."""
+    if depth in DEPTH_PRESETS and preset in ("smoke", "tiny"):
         return f"cart-d{depth}-256"
     return preset
 

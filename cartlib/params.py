@@ -347,8 +347,8 @@ class AttentionParams:  # 07_attention_maps
 
 @dataclass
 class HighResParams:  # 08_high_resolution_and_super_resolution
-    preset: str = "smoke"
-    dataset: str = "skimage-photos"
+    preset: str = "tiny"
+    dataset: str = "photos"
     scale: int = 2
     n_images: int = 8
     guidance: float = 2.0
@@ -358,7 +358,8 @@ class HighResParams:  # 08_high_resolution_and_super_resolution
     tokenizer_steps: int | None = None
     ar_steps: int | None = None
     seed: int = 42
-    run_dir: str = "papermill_runs/smoke"
+    retrain: bool = False
+    run_dir: str = "papermill_runs/tiny"
     progress: bool = True
 
     def __post_init__(self) -> None:
@@ -371,16 +372,18 @@ class HighResParams:  # 08_high_resolution_and_super_resolution
 @dataclass
 class EditParams:  # 09_recolour_relight_inpaint
     preset: str = "smoke"
-    dataset: str = "skimage-photos"
+    dataset: str = "photos"
     shading_steps: int = 2
     specular_order: int = 4
     lighting_depth: int = 1
     hue: float = 120.0
     n_images: int = 6
     guidance: float = 2.0
+    inpaint_preset: str = "tiny"
     tokenizer_steps: int | None = None
     ar_steps: int | None = None
     seed: int = 42
+    retrain: bool = False
     run_dir: str = "papermill_runs/smoke"
     progress: bool = True
 

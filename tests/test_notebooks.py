@@ -431,6 +431,38 @@ def test_shrink_outputs_stores_only_a_large_photograph_as_jpeg_and_drops_widget_
     Image.open(io.BytesIO(base64.b64decode(first["data"]["image/jpeg"]))).verify()
 
 
+def test_shrink_outputs_stores_a_very_large_figure_as_a_near_lossless_jpeg(tmp_path):
+    """A non-photo figure over max_png_kib (01's decomposition of photographs, 2 MB as PNG)
+    becomes a quality-95 4:4:4 JPEG when that halves it: errors of a level or two of 255."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 200, 600)[None, :, None] + rng.normal(0, 6, (600, 600, 3))
+    pixels = ramp.clip(0, 255).astype(np.uint8)
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    png = base64.b64encode(buf.getvalue()).decode()
+    size = {"image/png": {"width": 400, "height": 400}}
+    nb = {"cells": [{"cell_type": "code", "source": "", "metadata": {}, "execution_count": 1,
+                     "outputs": [{"output_type": "display_data", "metadata": size,
+                                  "data": {"image/png": png}}]}],
+          "metadata": {}, "nbformat": 4, "nbformat_minor": 4}  # fmt: skip
+    path = tmp_path / "nb.ipynb"
+    path.write_text(json.dumps(nb))
+    assert len(buf.getvalue()) > 400 * 1024
+    shrink_outputs(path, max_png_kib=400)
+    (out,) = json.loads(path.read_text())["cells"][0]["outputs"]
+    assert set(out["data"]) == {"image/jpeg"}
+    assert out["metadata"] == {"image/jpeg": size["image/png"]}
+    back = np.asarray(Image.open(io.BytesIO(base64.b64decode(out["data"]["image/jpeg"]))))
+    # white noise is JPEG's worst case (rms 4 here); 01's real figure: rms 1.8, max 23 levels
+    assert np.sqrt(((back.astype(float) - pixels) ** 2).mean()) < 5
+    path.write_text(json.dumps(nb))  # under the threshold it stays PNG
+    shrink_outputs(path, max_png_kib=4096)
+    assert set(json.loads(path.read_text())["cells"][0]["outputs"][0]["data"]) == {"image/png"}
+
+
 def test_normalise_metadata_writes_what_the_kernel_reports_and_nothing_else(tmp_path):
     source = ROOT / "notebooks" / "07_attention_maps.ipynb"
     nb = json.loads(source.read_text())
