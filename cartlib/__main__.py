@@ -26,7 +26,7 @@ from cartlib.data.stream import source_for
 from cartlib.data.synthetic import make_image_folder
 from cartlib.interop.var import install_var_run
 from cartlib.io import DiskFullError, LockTimeout, ReadOnlyError, dir_lock
-from cartlib.rehearse import Row, previous, rehearse
+from cartlib.rehearse import Row, peak_rss_gb, previous, rehearse
 from cartlib.series import run_series
 from cartlib.shards import ShardError
 from cartlib.train.probe import run_probe
@@ -243,6 +243,7 @@ def _rehearse(args) -> int:
         except Exception as e:  # papermill's error names the cell
             row = Row("notebook 04", False, time.time() - t0, str(e).strip().splitlines()[-1])
         report = previous(cfg, cluster, run_dir, mode) or report  # as the notebook left it
+        row.peak_gb = peak_rss_gb()  # the notebook's kernel is a finished child by now
         report.rows.append(row)
         report.save()
     print(report.table(), flush=True)

@@ -48,6 +48,11 @@ from pathlib import Path
 
 import torch
 
+try:
+    import resource
+except ImportError:  # Windows
+    resource = None
+
 from cartlib import hardware, launch, runs, train
 from cartlib.cluster import Cluster, node_commands
 from cartlib.config import RunConfig, load_config, save_config
@@ -81,6 +86,9 @@ class Row:
     ok: bool | None  # None: informational
     seconds: float
     detail: str
+    # the largest resident memory of one process of the rehearsal so far (this process or any
+    # finished one it started, launched ranks included), GB: the step where it rises set it
+    peak_gb: float | None = None
 
 
 @dataclass
@@ -102,11 +110,13 @@ class Report:
         return load_config(self.run_dir / "launch-config.yaml")
 
     def table(self) -> str:
-        lines = ["| step | result | seconds | what |", "|---|---|---|---|"]
+        lines = ["| step | result | seconds | largest process so far | what |",
+                 "|---|---|---|---|---|"]  # fmt: skip
         for r in self.rows:
             result = {True: "pass", False: "**FAIL**", None: "-"}[r.ok]
             detail = r.detail.replace("|", "/").replace("\n", " ")
-            lines.append(f"| {r.name} | {result} | {r.seconds:.0f} | {detail} |")
+            peak = "" if r.peak_gb is None else f"{r.peak_gb:.1f} GB"
+            lines.append(f"| {r.name} | {result} | {r.seconds:.0f} | {peak} | {detail} |")
         verdict = "every step passed" if self.ok else "a step FAILED: mend it before submitting"
         lines += ["", f"Rehearsal of {self.preset} ({self.mode}): {verdict}."]
         if self.submit:
@@ -120,6 +130,17 @@ class Report:
                 "rows": [r.__dict__ for r in self.rows], "submit": self.submit}  # fmt: skip
         atomic_write_bytes(path, json.dumps(data, indent=1).encode())
         return path
+
+
+def peak_rss_gb() -> float | None:
+    """The largest resident set of this process or of any finished process it started (their
+    descendants included, as each parent waited for them), in GB; None where the OS has no
+    getrusage. Linux reports KiB, macOS bytes."""
+    if resource is None:  # Windows
+        return None
+    peak = max(resource.getrusage(who).ru_maxrss
+               for who in (resource.RUSAGE_SELF, resource.RUSAGE_CHILDREN))  # fmt: skip
+    return peak / 1e9 if sys.platform == "darwin" else peak * 1024 / 1e9
 
 
 class Failed(Exception):
@@ -358,6 +379,7 @@ class _Steps:
         except Exception as e:  # anything else a real launch would also have died of
             row.ok, row.detail = False, f"{type(e).__name__}: {e}"
         row.seconds = time.time() - t0
+        row.peak_gb = peak_rss_gb()
         self.report.rows.append(row)
         self.report.save()
         verdict = {True: "pass", False: "FAIL", None: "-"}[row.ok]

@@ -40,6 +40,8 @@ def test_the_quick_rehearsal_of_cart_d30_on_two_machines_passes(tmp_path):
     assert "584,150 steps" in rows["shrunk"]["detail"]  # the real step count
     assert "up to step 584,149" in rows["resume to the last step"]["detail"]
     assert "| a rank killed mid-step | pass |" in out.stdout  # the table
+    peaks = [r["peak_gb"] for r in report["rows"]]  # the largest process so far, per step
+    assert all(0 < p < 64 for p in peaks) and peaks == sorted(peaks), peaks
     assert "--machine_rank 1" in report["submit"][1] and report["submit"][2].startswith("sbatch")
     folder = next((tmp_path / "rehearsal").glob("ar-*"))
     history = read_history(folder)
