@@ -38,7 +38,7 @@ from typing import Any
 import yaml
 
 from cartlib import hardware
-from cartlib.io import atomic_write_bytes
+from cartlib.io import atomic_write_bytes, project_root
 from cartlib.ranges import range_problem
 from cartlib.schedule import TokenSchedule
 
@@ -505,6 +505,19 @@ def apply_overrides(obj: Any, overrides: dict[str, Any], where: str = "") -> Any
 
 
 # ------------------------------------------------------------------------------------------ presets
+# The paper's depths: notebook 04's ``-p depth 30`` on a small preset means CART-d30.
+DEPTH_PRESETS = (16, 20, 24, 30)
+
+
+def preset_for_depth(preset: str, depth: int | None) -> str:
+    """``-p depth 30`` on a small preset (notebook 04's default ``tiny``, or ``smoke``) means
+    CART-d30 (cart-d30-256), not a small run with 30 blocks: a depth with a paper preset selects
+    that preset."""
+    if depth in DEPTH_PRESETS and preset in ("smoke", "tiny"):
+        return f"cart-d{depth}-256"
+    return preset
+
+
 def available_presets() -> list[str]:
     return sorted(p.stem for p in PRESET_DIR.glob("*.yaml") if not p.stem.startswith("_"))
 
@@ -529,9 +542,22 @@ def _preset_dict(name: str, seen: tuple[str, ...] = ()) -> dict[str, Any]:
 def load_preset(name: str, **overrides: Any) -> RunConfig:
     """The :class:`RunConfig` of preset ``name`` (smoke, tiny, cart-d16-256, ...), then overrides.
 
-    ``overrides`` use the same nested shape as the preset files, e.g.
+    ``name`` may also be a YAML file of settings (a ``.yaml`` path, relative to the project
+    root unless absolute): a run's ``config.yaml``, so a notebook opens a run folder trained
+    with settings no preset has (``papermill 05_sampling.ipynb -p run_dir R -p preset
+    R/config.yaml``). ``overrides`` use the same nested shape as the preset files, e.g.
     ``load_preset("tiny", ar={"depth": 4})``.
     """
+    if str(name).endswith((".yaml", ".yml")):
+        path = Path(name).expanduser()
+        path = path if path.is_absolute() else project_root() / path
+        if not path.is_file():
+            raise ConfigError(
+                f"preset={name!r}: no such settings file ({path}); give a preset "
+                f"({', '.join(available_presets())}) or the config.yaml of a run folder"
+            )
+        cfg = load_config(path)
+        return apply_overrides(cfg, overrides) if overrides else cfg
     merged = _preset_dict(name)
     merged["name"] = name
     cfg = apply_overrides(RunConfig(), merged)

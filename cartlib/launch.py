@@ -46,7 +46,6 @@ from cartlib.model.transformer import attention_path
 # A run is "full scale" when its transformer or images are beyond what a CPU trains in minutes.
 FULL_SCALE_DEPTH = 12
 FULL_SCALE_RESOLUTION = 128
-DEPTH_PRESETS = (16, 20, 24, 30)
 FULL_SCALE_ON_CPU = "CARTLIB_FULL_SCALE_ON_CPU"
 
 
@@ -88,15 +87,6 @@ class Plan:
             lines.append(f"SLURM: sbatch {self.slurm_script}")
         lines += [f"problem: {p}" for p in self.problems]
         return "\n".join(lines)
-
-
-def preset_for_depth(preset: str, depth: int | None) -> str:
-    """``-p depth 30`` on a small preset (notebook 04's default ``tiny``, or ``smoke``) means
-    CART-d30 (cart-d30-256), not a small run with 30 blocks: a depth with a paper preset selects
-    that preset."""
-    if depth in DEPTH_PRESETS and preset in ("smoke", "tiny"):
-        return f"cart-d{depth}-256"
-    return preset
 
 
 def full_scale(cfg: RunConfig) -> bool:

@@ -34,6 +34,7 @@ from cartlib.config import (
     _check_value,
     _unknown,
     load_preset,
+    preset_for_depth,
 )
 
 # parameter names that differ from the setting they override
@@ -105,11 +106,9 @@ def parameters_from_history(history: list[str], names: set[str], namespace: dict
     """What the parameters cell last set, read from the kernel's input history ``In``: the
     assignments of the most recent cell run that is a parameters cell (one that sets a name of
     ``names``), and where that is papermill's injected cell, the parameters cell before it under
-    it. None when the history holds no parameters cell. The kernel's namespace is not consulted
-    (but for a line that is not a plain value, and a parameter the config cell itself derives
-    before this call, as 04's ``preset = launch.preset_for_depth(preset, depth)``), so a notebook
-    variable named like a parameter, a name since removed from the cell or a typo since fixed no
-    longer count."""
+    it. None when the history holds no parameters cell. The kernel's namespace is consulted only
+    for a line that is not a plain value, so a notebook variable named like a parameter, a name
+    since removed from the cell or a typo since fixed no longer count."""
     found = [i for i, s in enumerate(history) if _is_parameters_cell(s, names)]
     if not found:
         return None
@@ -118,26 +117,7 @@ def parameters_from_history(history: list[str], names: set[str], namespace: dict
     if _is_injected(history[last]) and last - 1 in found and not _is_injected(history[last - 1]):
         cells.insert(0, history[last - 1])
     lines = {k: v for source in cells for k, v in _assignments(source).items()}
-    values = {name: _value(name, node, namespace) for name, node in lines.items()}
-    derived = _derived_before_the_call(history[-1]) & names if history else set()
-    return {**values, **{name: namespace[name] for name in derived if name in namespace}}
-
-
-def _derived_before_the_call(source: str) -> set[str]:
-    """The names the config cell (the cell running, ``In[-1]``) assigns before it calls
-    :func:`notebook_config`."""
-    try:
-        body = ast.parse(source).body
-    except SyntaxError:
-        return set()
-    out: set[str] = set()
-    for stmt in body:
-        calls = [n for n in ast.walk(stmt) if isinstance(n, ast.Call)]
-        if any(getattr(c.func, "id", None) == "notebook_config" for c in calls):
-            return out
-        if isinstance(stmt, ast.Assign):
-            out.update(t.id for t in stmt.targets if isinstance(t, ast.Name))
-    return set()  # not the config cell
+    return {name: _value(name, node, namespace) for name, node in lines.items()}
 
 
 def validate_params(schema: type, namespace: dict[str, Any]) -> Any:
@@ -280,6 +260,8 @@ class TrainARParams:  # 04_train_ar
     progress: bool = True
 
     def __post_init__(self) -> None:
+        # `-p depth 30` on the small default preset means CART-d30 (cart-d30-256)
+        self.preset = preset_for_depth(self.preset, self.depth)
         if self.rehearse not in ("", "quick", "full"):
             raise ConfigError(
                 f"rehearse={self.rehearse!r}: choose 'quick' (~2 min), 'full' (~10-15 min) or "
@@ -304,6 +286,7 @@ class SamplingParams:  # 05_sampling
     sweep: bool = True
     adm_reference: str = ""
     fid_per_class: int = 50
+    check_claims: bool = True
     retrain: bool = False
     run_dir: str = "papermill_runs/tiny"
     progress: bool = True
@@ -337,12 +320,21 @@ class AblationParams:  # 06_ablation_decomposition_order
 class AttentionParams:  # 07_attention_maps
     preset: str = "tiny"
     dataset: str | None = None
+    data_root: str | None = None
     layer: int = -1
     label: int = 0
     seed: int = 42
+    n_compare: int = 6
+    var_preset: str = ""
+    var_run_dir: str = ""
+    check_claims: bool = True
     retrain: bool = False
     run_dir: str = "papermill_runs/tiny"
     progress: bool = True
+
+    def __post_init__(self) -> None:
+        if self.n_compare < 1:
+            raise ConfigError(f"n_compare={self.n_compare} is out of range: must be >= 1")
 
 
 @dataclass

@@ -33,6 +33,7 @@ from cartlib.io import (  # noqa: F401  (re-exported for notebooks)
     process_state,
     project_root,
     resolve_run_dir,
+    save_paper_row,
     save_results,
     seed_everything,
 )

@@ -9,9 +9,17 @@ the samples against an ADM-style reference batch made from the validation images
 full-scale preset (d20-d36, 512²) is built on the meta device: tokenizer, transformer, schedule,
 the transformer's and the tokenizer's memory plans on 16 x 80 GB.
 
-    python tests/check_full_shape.py [--only cart-d16-256]
+Then, on those two run folders, the paper's items a researcher regenerates from a trained
+full-scale run, through papermill exactly as README's "Paper figures from a run folder" says:
+notebook 05 draws Fig. 3 and Table 1's row (FID against the reference batch), notebook 07 Fig. 5
+(VAR beside CART, same classes and seed) and Fig. 10, each written as ``<run>/paper/<item>_<model>``
+(untrained weights: only that every path runs at 256² and writes its file, so the notebooks'
+claims about trained models are off, ``-p check_claims False``).
 
-Exits non-zero on the first failure. Not part of ``make test`` (it takes minutes and ~14 GB);
+    python tests/check_full_shape.py [--only cart-d16-256] [--keep DIR]
+
+``--keep DIR`` works in DIR and keeps it (a second call reuses the finished stages). Exits non-zero
+on the first failure. Not part of ``make test`` (it takes minutes and ~14 GB);
 tests/test_data_scale.py covers the same code paths at small width in seconds.
 """
 
@@ -35,7 +43,10 @@ from cartlib.data.synthetic import make_image_folder
 from cartlib.fit import tokenizer_activation_probe
 from cartlib.metrics import fid_against_adm
 from cartlib.model import build_model
+from cartlib.series import KERNEL
 from cartlib.tokenizer import Tokenizer
+
+ROOT = Path(__file__).resolve().parents[1]
 
 RUN = ("cart-d16-256", "var-d16-256")
 META = ("cart-d20-256", "cart-d24-256", "cart-d30-256", "cart-d30-512", "var-d20-256",
@@ -69,7 +80,7 @@ def stage(*args: str) -> float:
 def run_stages(preset: str, work: Path, root: Path, reference: Path) -> None:
     cfg = full_shape_config(preset, root)
     run_dir = work / preset
-    run_dir.mkdir()
+    run_dir.mkdir(exist_ok=True)
     config = run_dir / "config.yaml"
     save_config(cfg, config)
     common = ("--config", config, "--run-dir", run_dir)
@@ -112,6 +123,36 @@ def check_meta(preset: str) -> None:
           flush=True)  # fmt: skip
 
 
+def paper_items(work: Path, reference: Path) -> None:
+    """Fig. 3, Table 1's row, Fig. 5 and Fig. 10 of the cart-d16-256 run (VAR: the var-d16-256
+    run) by papermill, opened with the settings the runs were trained with (their config.yaml;
+    a run of the preset itself takes ``-p preset cart-d16-256``)."""
+    import papermill as pm
+
+    cart, var = work / "cart-d16-256", work / "var-d16-256"
+    common = {"run_dir": str(cart), "preset": str(cart / "config.yaml"), "check_claims": False,
+              "progress": False}  # fmt: skip
+    notebooks = {
+        "05_sampling": {**common, "n_per_class": 1, "grid_classes": 2, "sweep": False,
+                        "adm_reference": str(reference), "fid_per_class": 1},
+        "07_attention_maps": {**common, "n_compare": 2, "var_run_dir": str(var),
+                              "var_preset": str(var / "config.yaml")},
+    }  # fmt: skip
+    for name, params in notebooks.items():
+        t0 = time.perf_counter()
+        pm.execute_notebook(ROOT / "notebooks" / f"{name}.ipynb", work / f"{name}.ipynb",
+                            parameters=params, kernel_name=KERNEL, cwd=str(ROOT / "notebooks"),
+                            progress_bar=False)  # fmt: skip
+        print(f"papermill {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+    paper = cart / "paper"
+    for item in ("fig3", "fig5", "fig10"):
+        with Image.open(paper / f"{item}_cart-d16-256.png") as im:
+            assert min(im.size) >= 256, (item, im.size)  # a 256² sample at least, at 300 dpi
+    row = (paper / "table1_cart-d16-256.md").read_text()
+    assert "cart-d16-256" in row and "FID" in row, row
+    print("paper items at 256²:", ", ".join(sorted(p.name for p in paper.iterdir())), flush=True)
+
+
 def reference_batch(root: Path, out: Path) -> Path:
     """An ADM-style reference batch (``arr_0``: uint8 N x 256 x 256 x 3) of the val images."""
     files = sorted((root / "val").rglob("*.*"))
@@ -123,16 +164,21 @@ def reference_batch(root: Path, out: Path) -> Path:
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     p.add_argument("--only", nargs="*", help="presets to check (default: all)")
+    p.add_argument("--keep", help="work in this folder and keep it (default: a temporary one)")
     args = p.parse_args(argv)
     os.environ[launch.FULL_SCALE_ON_CPU] = "1"
     wanted = set(args.only or (*RUN, *META))
     with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        root = make_image_folder(work / "imagenet", images=8, val_images=8, sizes=(240, 320))
+        work = Path(args.keep or tmp).resolve()
+        root = work / "imagenet"
+        if not root.is_dir():  # written once: new files would be new data to a kept run
+            make_image_folder(root, images=8, val_images=8, sizes=(240, 320))
         reference = reference_batch(root, work / "reference.npz")
         for preset in RUN:
             if preset in wanted:
                 run_stages(preset, work, root, reference)
+        if set(RUN) <= wanted:
+            paper_items(work, reference)
         for preset in META:
             if preset in wanted:
                 check_meta(preset)

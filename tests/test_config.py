@@ -3,7 +3,7 @@
 import pytest
 
 from cartlib import launch
-from cartlib.config import ConfigError, available_presets, load_preset
+from cartlib.config import ConfigError, available_presets, load_preset, save_config
 from cartlib.params import notebook_config
 from cartlib.series import notebook_parameters
 
@@ -48,9 +48,8 @@ def test_series_parameters_are_strict_per_notebook():
 
 
 def test_depth_30_means_cart_d30_and_is_explained_without_gpus(tmp_path):
-    preset = launch.preset_for_depth("smoke", 30)
-    assert preset == "cart-d30-256"
-    _, cfg = notebook_config("04_train_ar", {"preset": preset, "depth": 30})
+    params, cfg = notebook_config("04_train_ar", {"preset": "smoke", "depth": 30})
+    assert params.preset == cfg.name == "cart-d30-256"
     plan = launch.plan_ar(cfg, tmp_path)
     assert 2.0e9 < plan.n_params < 2.05e9
     if plan.mode == "explain":  # this machine has no GPU
@@ -171,3 +170,17 @@ def test_a_notebooks_order_alone_picks_the_tokenizer_that_goes_with_it():
         notebook_config("03_tokenization", {"order": 0})
     with pytest.raises(ConfigError, match="scale=3 is out of range: choose 2, 4 or 8"):
         notebook_config("08_high_resolution_and_super_resolution", {"scale": 3})
+
+
+def test_a_run_folders_config_yaml_is_a_preset(tmp_path):
+    """`-p preset <run>/config.yaml` opens a run trained with settings no preset has: the same
+    config (and so the same artifact keys) as the file, overrides on top; a missing file named."""
+    cfg = load_preset("tiny", ar={"steps": 7}, data={"root": str(tmp_path)})
+    save_config(cfg, tmp_path / "config.yaml")
+    back = load_preset(str(tmp_path / "config.yaml"))
+    assert back == cfg and back.stage_folder("ar") == cfg.stage_folder("ar")
+    assert load_preset(str(tmp_path / "config.yaml"), ar={"depth": 3}).ar.depth == 3
+    _, nb_cfg = notebook_config("05_sampling", {"preset": str(tmp_path / "config.yaml")})
+    assert nb_cfg.ar.steps == 7
+    with pytest.raises(ConfigError, match=r"no such settings file .*tiny"):
+        load_preset(str(tmp_path / "missing.yaml"))

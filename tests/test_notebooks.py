@@ -103,17 +103,13 @@ def test_a_notebook_that_ran_takes_its_parameters_from_the_parameters_cell(path)
     assert rerun(code[0] + "\nprogress = not True  # computed, not a literal\n").progress is False
 
 
-def test_a_parameter_the_config_cell_derives_before_the_call_is_kept():
-    """04's config cell maps `-p depth 30` on the small default preset to cart-d30-256
-    (``preset = launch.preset_for_depth(preset, depth)``) before it calls notebook_config: that
-    one value comes from the kernel, where the config cell just put it."""
+def test_depth_30_on_the_small_default_preset_means_cart_d30_in_a_live_kernel():
+    """`-p depth 30` on 04's default preset (tiny) is CART-d30 (cart-d30-256): the schema maps
+    it, so the config cell derives nothing and a re-run from it maps the same way."""
     params_cell = 'preset = "tiny"\ndepth = None\nprogress = True\n'
-    config_cell = (
-        "preset = launch.preset_for_depth(preset, depth)\n"
-        'params, cfg = notebook_config("04_train_ar", globals())\n'
-    )
+    config_cell = 'params, cfg = notebook_config("04_train_ar", globals())\n'
     history = ["", params_cell, "# Parameters\ndepth = 30\n", config_cell]
-    namespace = {"In": history, "preset": "cart-d30-256", "depth": 30, "progress": "stale"}
+    namespace = {"In": history, "preset": "stale", "depth": 30, "progress": "stale"}
     params, cfg = notebook_config("04_train_ar", namespace)
     assert (params.preset, params.depth, params.progress, cfg.name) == (
         "cart-d30-256",
@@ -121,6 +117,12 @@ def test_a_parameter_the_config_cell_derives_before_the_call_is_kept():
         True,
         "cart-d30-256",
     )
+    again = notebook_config("04_train_ar", {**namespace, "In": [*history, config_cell]})[1]
+    assert again.name == "cart-d30-256"
+    params_small = notebook_config(
+        "04_train_ar", {"In": ["", 'preset = "tiny"\ndepth = 3\n', config_cell]}
+    )[0]
+    assert (params_small.preset, params_small.depth) == ("tiny", 3)  # not a paper depth
 
 
 def test_papermill_injected_parameters_override_the_parameters_cell():

@@ -295,3 +295,34 @@ def test_history_figure_draws_a_labelled_reference_line_on_its_panel_only():
     ref = [ln for ln in loss_ax.get_lines() if ln.get_label() == "ln V"]
     assert len(ref) == 1 and list(ref[0].get_ydata()) == [5.5, 5.5]
     assert loss_ax.get_legend() is not None and acc_ax.get_legend() is None
+
+
+def test_paper_items_are_saved_under_the_papers_names(tmp_path):
+    """Notebooks 05 and 07 write Fig. 3/5/10 and Table 1's row as <run_dir>/paper/<item>_<model>:
+    a figure at print resolution, a table row as markdown with the same row as JSON."""
+    import json
+
+    import matplotlib.pyplot as plt
+    from PIL import Image
+
+    from cartlib.io import save_paper_row
+    from cartlib.viz import save_paper_figure
+
+    fig = plt.figure(figsize=(2, 1))
+    path = save_paper_figure(tmp_path, "fig3", fig, "cart-d16-256")
+    assert path == tmp_path / "paper" / "fig3_cart-d16-256.png"
+    with Image.open(path) as im:
+        assert im.size[0] >= 2 * 300 - 2  # 300 dpi
+    plt.close(fig)
+    row = {"model": "cart-d16-256", "FID": 3.14159, "IS": None, "#steps": 14}
+    md = save_paper_row(tmp_path, "table1", row, "cart-d16-256")
+    assert md.read_text().splitlines() == [
+        "| model | FID | IS | #steps |",
+        "|---|---|---|---|",
+        "| cart-d16-256 | 3.14 | - | 14 |",
+    ]
+    assert json.loads(md.with_name("table1_cart-d16-256.json").read_text()) == row
+    with pytest.raises(ValueError, match="fig3"):
+        save_paper_figure(tmp_path, "samples", fig, "x")
+    with pytest.raises(ValueError, match="table1"):
+        save_paper_row(tmp_path, "fig3", row, "x")

@@ -12,7 +12,15 @@
 """
 
 from cartlib.viz.attention import attention_profile_figure, figure10, query_attention_figure
-from cartlib.viz.core import compare, figure_panel, register, save_open_figures, show, to_image
+from cartlib.viz.core import (
+    compare,
+    figure_panel,
+    register,
+    save_open_figures,
+    save_paper_figure,
+    show,
+    to_image,
+)
 from cartlib.viz.images import (
     compare_figure,
     decomposition_figure,
@@ -51,6 +59,7 @@ __all__ = [
     "query_attention_figure",
     "register",
     "save_open_figures",
+    "save_paper_figure",
     "show",
     "show_grid",
     "show_steps",

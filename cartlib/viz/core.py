@@ -31,6 +31,7 @@ from matplotlib.figure import Figure
 
 from cartlib.io import resolve_run_dir
 
+PAPER_DPI = 300  # the paper-item copies (save_paper_figure)
 FIGURE_DPI = 150  # notebooks' figures: pixels per inch rendered; shown at the figure's own size
 PANEL_NOTE = "a live panel: run the notebook in JupyterLab to use it"
 _FIGURES: list = []  # figures made or shown since the last save_open_figures
@@ -166,6 +167,21 @@ def save_open_figures(run_dir, prefix: str) -> list[Path]:
         fig.savefig(paths[-1], dpi=FIGURE_DPI, bbox_inches="tight")
         plt.close(fig)
     return paths
+
+
+def save_paper_figure(run_dir, item: str, fig, model: str) -> Path:
+    """Save ``fig`` as the paper's ``item`` (``"fig3"``, ``"fig5"``, ``"fig10"``) drawn with the
+    run ``model`` (its config's name): ``<run_dir>/paper/<item>_<model>.png``, at the dpi a
+    printed figure needs (300), so a full-scale run's figures sit under the paper's item names
+    next to its ``results.json``. -> the path"""
+    if not re.fullmatch(r"(fig|table)\d+[a-z]?", item):
+        raise ValueError(f"item={item!r}: name the paper's item, e.g. 'fig3' or 'table1'")
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "-", model).strip("-") or "model"
+    out = resolve_run_dir(run_dir) / "paper"
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / f"{item}_{slug}.png"
+    fig.savefig(path, dpi=PAPER_DPI, bbox_inches="tight")
+    return path
 
 
 def figure_panel(draw, **controls):
