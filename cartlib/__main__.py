@@ -19,6 +19,7 @@ import traceback
 from pathlib import Path
 
 from cartlib import hardware, launch, runs, shipped, stages, train
+from cartlib.apps import edit
 from cartlib.cluster import Cluster
 from cartlib.config import load_config, load_preset, save_config
 from cartlib.data import BadFileError, DatasetUnavailableError, check_dataset
@@ -89,6 +90,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", default="tiny")
     p.add_argument("--dataset", default=None, help="default: the preset's")
     p.add_argument("--run-dir", default=None, help="default: papermill_runs/<preset>")
+    p.add_argument(
+        "--for",
+        dest="notebooks",
+        choices=("03-07", "09"),
+        default="03-07",
+        help="03-07: the tokenizers of Figure 11, CART and VAR; 09: the intrinsic and specular "
+        "CARTs at notebook 09's defaults",
+    )
     p = sub.add_parser(
         "import-var",
         help="install VAR's released VQ-VAE and transformer (.pth) as a run's finished stages",
@@ -178,8 +187,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "ship":
         cfg = load_preset(args.preset)
         cfg = cfg if args.dataset is None else cfg.updated(data={"dataset": args.dataset})
-        # what notebooks 03 (Figure 11's tokenizers) and 05-07 (CART, VAR) load
-        cfgs = {**cfg.tokenizer_variants(), "ar:CART": cfg, "ar:VAR": cfg.var_baseline()}
+        if args.notebooks == "09":  # the intrinsic and specular CARTs notebook 09 opens
+            cfgs = {f"ar:{k}": c for k, c in edit.factor_configs(cfg).items()}
+        else:  # what notebooks 03 (Figure 11's tokenizers) and 05-07 (CART, VAR) load
+            cfgs = {**cfg.tokenizer_variants(), "ar:CART": cfg, "ar:VAR": cfg.var_baseline()}
         run_dir = args.run_dir or f"papermill_runs/{args.preset}"
         shipped.ship(cfgs, runs.resolve_run_dir(run_dir), args.preset)
         return 0

@@ -223,6 +223,29 @@ def test_notebooks_open_the_shipped_models_on_an_fp32_machine(fresh, tmp_path, n
             assert not train.ar_dir(tmp_path, c).exists()  # nothing made at fp32
 
 
+@pytest.mark.parametrize("native_bf16", [False, True])
+def test_notebook_09_opens_its_shipped_factor_carts_on_either_cpu_kind(
+    fresh, tmp_path, native_bf16
+):
+    """09's intrinsic and specular CARTs ship trained in fp32 (on an AVX2 CPU): an AVX2 CPU opens
+    them as they are, a bf16-native one through the other-precision fallback; neither trains."""
+    from cartlib.apps.edit import factor_configs
+
+    fresh.setattr(hardware, "cpu_bf16", lambda facts=None: (native_bf16, "mocked"))
+    hardware.auto_precision.cache_clear()
+    fresh.setattr(train, "train_tokenizer", _no_training)
+    fresh.setattr(train, "train_ar", _no_training)
+    params, cfg = notebook_config("09_recolour_relight_inpaint", {})
+    assert cfg.mixed_precision == ("bf16" if native_bf16 else "no")
+    cfg = cfg.updated(data={"dataset": params.dataset})  # as 09's set-up cell does
+    made = factor_configs(cfg, params.shading_steps, params.specular_order, params.lighting_depth)
+    for c in made.values():
+        runs.ensure_ar(c, tmp_path, progress=False, shipped=True)
+        fp32 = c.updated(mixed_precision="no")
+        assert shipped.find("ar", fp32) is not None
+        assert installed_from(train.ar_dir(tmp_path, fp32)) is not None
+
+
 def test_training_anew_keys_by_this_machines_precision(fresh, tmp_path):
     """-p retrain True (shipped=False) trains at fp32 beside an installed bf16 model; the run
     directory's own finished model wins over the shipped one at another precision."""

@@ -39,7 +39,7 @@ def test_cartlib_ships_what_notebooks_03_to_07_load(dataset):
     for c in (cfg, cfg.var_baseline()):
         assert shipped.find("ar", c) is not None
     total = sum(p.stat().st_size for f in shipped.available() for p in f.iterdir())
-    assert total < 20e6, f"{total / 1e6:.1f} MB shipped: keep the repository light"
+    assert total < 24e6, f"{total / 1e6:.1f} MB shipped: keep the repository light"
 
 
 @pytest.mark.slow

@@ -42,6 +42,24 @@ _RGB_TO_YIQ = torch.tensor(
 )
 
 
+def factor_configs(cfg, shading_steps: int = 2, specular_order: int = 4, lighting_depth: int = 1):
+    """Notebook 09's two CARTs for the run ``cfg`` (its preset and dataset): ``{"intrinsic":
+    log albedo scales then ``shading_steps`` shading maps, "specular": the diffuse base then
+    ``specular_order`` factors of ``lighting_depth`` maps each}``. cartlib ships both at 09's
+    defaults (smoke, photos: ``python -m cartlib ship --preset smoke --dataset photos --for
+    09``); the defaults here are 09's."""
+    return {
+        "intrinsic": cfg.updated(
+            decompose={"kind": "intrinsic", "order": 1},
+            tokenizer={"depth_per_factor": shading_steps},
+        ),
+        "specular": cfg.updated(
+            decompose={"kind": "specular", "order": specular_order},
+            tokenizer={"depth_per_factor": lighting_depth},
+        ),
+    }
+
+
 def hue_rotate(x: torch.Tensor, degrees: float) -> torch.Tensor:
     """Rotate the hue of colours x (B,3,H,W) by ``degrees`` about the luminance axis (YIQ): the
     luminance Y is kept, the chroma (I, Q) turned. Not clamped."""

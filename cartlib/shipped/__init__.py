@@ -1,4 +1,9 @@
-"""Trained checkpoints that ship inside cartlib, so that notebooks 03 and 05-07 open in seconds.
+"""Trained checkpoints that ship inside cartlib, so that notebooks 03 and 05-09 open in seconds.
+
+``tiny/``: Figure 11's tokenizers and CART's and VAR's transformers (Fashion-MNIST and
+``photos``), trained by ``make run``; ``smoke/``: notebook 09's intrinsic and specular CARTs at its
+defaults (``photos``), trained by 09 itself and exported with ``python -m cartlib ship --preset
+smoke --dataset photos --for 09``.
 
 ``cartlib/shipped/<preset>/<stage folder>/`` holds a stage that ``make run`` trained at that
 preset, under the name its run-directory folder has (``tokenizer-…-<key>``, ``ar-…-<key>``):
