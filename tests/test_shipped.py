@@ -45,8 +45,12 @@ def test_cartlib_ships_what_notebooks_03_to_07_load(dataset):
 @pytest.mark.slow
 @pytest.mark.parametrize("tok, ar", CASES, ids=[(a or t).name for t, a in CASES])
 def test_shipped_checkpoint_keeps_its_recorded_metrics(tok, ar):
-    recorded, now = shipped.measure_shipped(tok, ar)
-    assert set(recorded) == ({"mse", "ce", "fid"} if ar else {"mse"})
+    """Every shipped checkpoint's held-out MSE and cross-entropy, and the FID of the `tiny`
+    transformers, are what was recorded at export. The FID of notebook 09's `smoke` pair (a
+    minute each of Inception features) is left to the notebook's own run of the same sampler."""
+    fid = ar is not None and ar.parent.name == "tiny"
+    recorded, now = shipped.measure_shipped(tok, ar, fid=fid)
+    assert set(recorded) == ({"mse", "ce", "fid"} if fid else {"mse", "ce"} if ar else {"mse"})
     assert not shipped.problems(recorded, now), shipped.problems(recorded, now)
 
 
