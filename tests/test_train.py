@@ -245,12 +245,16 @@ def test_ctrl_c_finishes_the_step_saves_it_and_resumes_exactly(tmp_path):
         return original(*args)
 
     train.ar.ar_loss = loss_then_ctrl_c
+    # Python's own handler while training, whatever an earlier test in this process left (a
+    # pytest-xdist worker has been seen holding SIG_IGN here): the run must restore it
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(Interrupted, match=r"interrupted after step 4 of 10; saved .*resume"):
             train.train_ar(cfg, tmp_path / "b", tok, tokens, labels, 8, progress=False)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
     finally:
         train.ar.ar_loss = original
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
+        signal.signal(signal.SIGINT, before)
     folder = train.ar_dir(tmp_path / "b", cfg)
     assert json.loads((folder / "checkpoints.json").read_text())["checkpoints"][0]["step"] == 4
     _, resumed = train.train_ar(cfg, tmp_path / "b", tok, tokens, labels, 8, progress=False)
