@@ -51,8 +51,9 @@ test-ui: install data  ## browser walk-through of notebooks 01, 05, 07 in Jupyte
 	$(PY) -m pytest tests/ui -p no:cacheprovider $(PYTEST_ARGS)
 
 # Every stage of cart-d16-256 and var-d16-256 at full shape (256², VAR's VQ-VAE, d16), 2 steps
-# each, on the CPU; the deeper presets on the meta device. Minutes and ~15 GB of RAM: not in `test`.
-check-full: install data  ## full-shape smoke of the full-scale presets (CPU, ~15-20 min)
+# each, on the CPU; then notebooks 05 and 07 draw Fig. 3, 5, 10 and Table 1's row from those runs; the
+# deeper presets on the meta device. About 45 min and ~15 GB of RAM: not in `test`.
+check-full: install data  ## full-shape smoke of the full-scale presets and the paper items (CPU, ~45 min)
 	$(PY) tests/check_full_shape.py
 
 lab: install data  ## open the notebooks in JupyterLab (kernel "cartlib"); runs nothing itself
