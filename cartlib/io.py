@@ -390,22 +390,31 @@ def save_results(run_dir: str | os.PathLike, section: str, values: dict[str, Any
     return path
 
 
-def save_paper_row(run_dir: str | os.PathLike, item: str, row: dict[str, Any], model: str) -> Path:
-    """Write one row of the paper's table ``item`` (``"table1"``) for the run ``model`` (its
-    config's name) as ``<run_dir>/paper/<item>_<model>.md`` (a markdown table: the columns in
-    ``row``'s order, None as "-") beside the same row as ``.json``. -> the markdown file"""
-    if not re.fullmatch(r"table\d+", item):
-        raise ValueError(f"item={item!r}: name the paper's table, e.g. 'table1'")
+def paper_path(run_dir: str | os.PathLike, item: str, model: str, suffix: str) -> Path:
+    """``<run_dir>/paper/<item>_<model><suffix>`` (the folder made): where a notebook writes the
+    paper's ``item`` (``"fig3"``, ``"table1"``) for the run ``model`` (its config's name)."""
+    if not re.fullmatch(r"(fig|table)\d+[a-z]?", item):
+        raise ValueError(f"item={item!r}: name the paper's item, e.g. 'fig3' or 'table1'")
     out = resolve_run_dir(run_dir) / "paper"
     out.mkdir(parents=True, exist_ok=True)
-    name = f"{item}_{re.sub(r'[^A-Za-z0-9.-]+', '-', model).strip('-') or 'model'}"
+    slug = re.sub(r"[^A-Za-z0-9.-]+", "-", model).strip("-") or "model"
+    return out / f"{item}_{slug}{suffix}"
+
+
+def save_paper_row(run_dir: str | os.PathLike, item: str, row: dict[str, Any], model: str) -> Path:
+    """Write one row of the paper's table ``item`` (``"table1"``) for the run ``model`` as
+    :func:`paper_path`'s ``.md`` (a markdown table: the columns in ``row``'s order, None as "-")
+    beside the same row as ``.json``. -> the markdown file"""
+    if not item.startswith("table"):
+        raise ValueError(f"item={item!r}: name the paper's table, e.g. 'table1'")
     cells = [
         "-" if v is None else f"{v:.2f}" if isinstance(v, float) else str(v) for v in row.values()
     ]
     text = f"| {' | '.join(row)} |\n|{'---|' * len(row)}\n| {' | '.join(cells)} |\n"
-    atomic_write_bytes(out / f"{name}.json", json.dumps(row, indent=1, default=_jsonable).encode())
-    atomic_write_bytes(out / f"{name}.md", text.encode())
-    return out / f"{name}.md"
+    md, js = (paper_path(run_dir, item, model, suffix) for suffix in (".md", ".json"))
+    atomic_write_bytes(js, json.dumps(row, indent=1, default=_jsonable).encode())
+    atomic_write_bytes(md, text.encode())
+    return md
 
 
 def _jsonable(obj: Any) -> Any:

@@ -29,7 +29,7 @@ import numpy as np
 import torch
 from matplotlib.figure import Figure
 
-from cartlib.io import resolve_run_dir
+from cartlib.io import paper_path, resolve_run_dir
 
 PAPER_DPI = 300  # the paper-item copies (save_paper_figure)
 FIGURE_DPI = 150  # notebooks' figures: pixels per inch rendered; shown at the figure's own size
@@ -171,15 +171,12 @@ def save_open_figures(run_dir, prefix: str) -> list[Path]:
 
 def save_paper_figure(run_dir, item: str, fig, model: str) -> Path:
     """Save ``fig`` as the paper's ``item`` (``"fig3"``, ``"fig5"``, ``"fig10"``) drawn with the
-    run ``model`` (its config's name): ``<run_dir>/paper/<item>_<model>.png``, at the dpi a
+    run ``model`` (its config's name): :func:`cartlib.io.paper_path`'s ``.png``, at the dpi a
     printed figure needs (300), so a full-scale run's figures sit under the paper's item names
     next to its ``results.json``. -> the path"""
-    if not re.fullmatch(r"(fig|table)\d+[a-z]?", item):
-        raise ValueError(f"item={item!r}: name the paper's item, e.g. 'fig3' or 'table1'")
-    slug = re.sub(r"[^A-Za-z0-9.-]+", "-", model).strip("-") or "model"
-    out = resolve_run_dir(run_dir) / "paper"
-    out.mkdir(parents=True, exist_ok=True)
-    path = out / f"{item}_{slug}.png"
+    if not item.startswith("fig"):
+        raise ValueError(f"item={item!r}: name the paper's figure, e.g. 'fig3'")
+    path = paper_path(run_dir, item, model, ".png")
     fig.savefig(path, dpi=PAPER_DPI, bbox_inches="tight")
     return path
 
